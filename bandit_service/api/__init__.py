@@ -1,0 +1,1 @@
+"""HTTP layer: request/response schemas, thin routes, error mapping."""

@@ -1,0 +1,170 @@
+"""Map every failure to a JSON error naming the field: never a traceback, never HTML."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bandit_service.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    ServiceError,
+    Unavailable,
+    UnknownPolicy,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS = {
+    InvalidRequest: 422,
+    UnknownPolicy: 422,
+    NotFound: 404,
+    Conflict: 409,
+    Unavailable: 503,
+}
+
+# Tags pydantic puts in a location for union members and validators; not request fields.
+_TAG = re.compile(r"^(int|str|float|bool|none|list\[.*\]|dict\[.*\]|function-.*|constrained-.*)$")
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    field: str | None = None,
+    details: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body: dict[str, Any] = {"code": code, "message": message, "field": field}
+    if details:
+        body["details"] = details
+    return Response(
+        orjson.dumps({"error": body}), status, media_type="application/json", headers=headers
+    )
+
+
+def field_path(loc: Sequence[Any]) -> str:
+    """``('body', 'candidates', 1, 'id')`` -> ``candidates[1].id``."""
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path"):
+        parts = parts[1:]
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and _TAG.match(part):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "body"
+
+
+def _validation_response(exc: RequestValidationError) -> Response:
+    errors = list(exc.errors())
+    if any(e.get("type") == "json_invalid" for e in errors):
+        first = next(e for e in errors if e.get("type") == "json_invalid")
+        reason = (first.get("ctx") or {}).get("error", "invalid JSON")
+        return error_response(400, "malformed_json", f"request body is not valid JSON: {reason}",
+                              "body")  # fmt: skip
+    details = []
+    for e in errors:
+        path = field_path(e.get("loc", ()))
+        message = str(e.get("msg", "invalid value"))
+        if e.get("type") == "feature_invalid":  # our feature check knows the exact feature
+            ctx = e.get("ctx") or {}
+            path = f"{path}.{ctx['path']}" if ctx.get("path") != "features" else path
+            message = str(ctx.get("message", message))
+        if e.get("type") == "missing" and path == "body":
+            message = "a JSON request body is required"
+        details.append({"field": path, "message": message})
+    # Unions report one error per member; keep the clearest (the most specific path).
+    first = max(details, key=lambda d: len(d["field"]))
+    return error_response(
+        422, "invalid_request", f"{first['field']}: {first['message']}", first["field"], details
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(_request: Request, exc: RequestValidationError) -> Response:
+        return _validation_response(exc)
+
+    @app.exception_handler(ServiceError)
+    async def _on_service_error(_request: Request, exc: ServiceError) -> Response:
+        status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 400)
+        return error_response(status, exc.code, exc.message, exc.field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(_request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _on_unexpected(request: Request, exc: Exception) -> Response:
+        incident = uuid.uuid4().hex[:12]
+        log.exception("unhandled error %s on %s %s", incident, request.method, request.url.path)
+        return error_response(500, "internal", f"internal error (incident {incident})")
+
+
+class BodySizeLimit:
+    """Refuse request bodies over ``max_bytes`` with 413, before they are buffered whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+        received = 0
+        too_large = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    too_large = True
+                    raise _TooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            # Once the body is known to be too large, whatever the app answers (frameworks
+            # turn a failed body read into a 400) is replaced by our 413.
+            if not too_large:
+                await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _TooLarge:
+            pass
+        if too_large:
+            await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(
+            413, "payload_too_large",
+            f"request body exceeds {self.max_bytes} bytes (BANDIT_MAX_BODY_BYTES)", "body",
+        )  # fmt: skip
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass

@@ -1,0 +1,74 @@
+"""Validation of feature maps: the types VW can take, with messages naming the feature."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic_core import PydanticCustomError
+
+from bandit_service.learners.vw_text import NAMESPACE_NAME
+
+MAX_ABS_NUMBER = 1e15  # beyond this a feature value is almost surely a bug (or an id)
+MAX_NAME_LENGTH = 256
+MAX_STRING_LENGTH = 1024
+MAX_FEATURES = 200
+MAX_LIST_ITEMS = 100
+
+
+def _bad(path: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError("feature_invalid", "{path}: {message}", {"path": path, "message": message})
+
+
+def _check_value(path: str, value: Any) -> None:
+    if isinstance(value, bool | str):
+        if isinstance(value, str) and len(value) > MAX_STRING_LENGTH:
+            raise _bad(path, f"string longer than {MAX_STRING_LENGTH} characters")
+        return
+    if isinstance(value, int | float):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _bad(path, "must be a finite number (NaN and infinity are refused)")
+        if abs(value) > MAX_ABS_NUMBER:
+            raise _bad(path, f"number out of range (|x| <= {MAX_ABS_NUMBER:g})")
+        return
+    if isinstance(value, list):
+        if len(value) > MAX_LIST_ITEMS:
+            raise _bad(path, f"list longer than {MAX_LIST_ITEMS} items")
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise _bad(f"{path}[{i}]", "list features must hold strings only")
+            if len(item) > MAX_STRING_LENGTH:
+                raise _bad(f"{path}[{i}]", f"string longer than {MAX_STRING_LENGTH} characters")
+        return
+    kind = "null" if value is None else type(value).__name__
+    raise _bad(path, f"must be a string, number, boolean or list of strings, not {kind}")
+
+
+def _check_name(path: str, name: str) -> None:
+    if not name:
+        raise _bad(path, "feature names must not be empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise _bad(path, f"feature name longer than {MAX_NAME_LENGTH} characters")
+
+
+def check_features(features: dict[str, Any]) -> dict[str, Any]:
+    """Accept ``name -> value`` or one level ``namespace -> {name -> value}``."""
+    count = 0
+    for name, value in features.items():
+        _check_name(name, name)
+        if isinstance(value, dict):
+            if not NAMESPACE_NAME.match(name):
+                raise _bad(name, f"namespace names must match {NAMESPACE_NAME.pattern}")
+            for inner, inner_value in value.items():
+                path = f"{name}.{inner}"
+                _check_name(path, inner)
+                if isinstance(inner_value, dict):
+                    raise _bad(path, "only one level of namespace nesting is allowed")
+                _check_value(path, inner_value)
+                count += 1
+        else:
+            _check_value(name, value)
+            count += 1
+    if count > MAX_FEATURES:
+        raise _bad("features", f"{count} features exceed the limit of {MAX_FEATURES}")
+    return features

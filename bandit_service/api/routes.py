@@ -1,0 +1,190 @@
+"""Thin routes: parse, delegate to the DecisionService, format. No logic lives here."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+
+from bandit_service.api.schemas import (
+    ActivationOut,
+    DecisionIn,
+    DecisionOut,
+    ErrorOut,
+    RewardIn,
+    RewardOut,
+)
+from bandit_service.domain import Candidate, DecisionRequest, Slot, slot_list
+from bandit_service.errors import NotFound
+from bandit_service.service import DecisionService, aggregate, new_event_id
+
+router = APIRouter()
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorOut, "description": "Malformed JSON"},
+    404: {"model": ErrorOut, "description": "Unknown event or resource"},
+    413: {"model": ErrorOut, "description": "Request body too large"},
+    422: {"model": ErrorOut, "description": "Invalid field (the error names it)"},
+}
+
+
+def get_service(request: Request) -> DecisionService:
+    service: DecisionService = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[DecisionService, Depends(get_service)]
+
+
+def json_response(payload: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status, media_type="application/json")
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _slot_out(slot: dict[str, Any], include_pmf: bool) -> dict[str, Any]:
+    out = {k: slot[k] for k in ("slot", "slot_id", "id", "probability", "explored")}
+    if include_pmf:
+        out["pmf"] = [{"id": cid, "probability": p} for cid, p in slot["pmf"]]
+    return out
+
+
+def decision_out(row: dict[str, Any], include_pmf: bool) -> dict[str, Any]:
+    return {
+        "event_id": row["event_id"],
+        "policy": row["policy"],
+        "policy_version": row["policy_version"],
+        "arm": row["arm"],
+        "model_version": row["model_version"],
+        "deferred": row["deferred"],
+        "slots": [_slot_out(s, include_pmf) for s in row["slots"]],
+    }
+
+
+@router.post(
+    "/v1/decisions",
+    response_model=DecisionOut,
+    responses=ERRORS,
+    summary="Decide which candidates fill which ranked slots",
+    description=(
+        "Each slot is a contextual-bandit draw over the candidates still eligible; the "
+        "response gives, per slot, the chosen candidate and the exact probability it was "
+        "drawn with. The decision is durably logged before the response is sent. Repeating "
+        "a known `event_id` returns the logged decision unchanged. `?include=pmf` adds each "
+        "slot's full distribution."
+    ),
+)
+async def decide(
+    body: DecisionIn,
+    service: ServiceDep,
+    include: Annotated[str | None, Query(pattern="^pmf$")] = None,
+) -> Response:
+    policy = service.engine.policy(body.policy)
+    slots = slot_list(
+        policy.slots
+        if body.slots is None
+        else body.slots
+        if isinstance(body.slots, int)
+        else [Slot(id=s.id, features=s.features) for s in body.slots]
+    )
+    request = DecisionRequest(
+        event_id=body.event_id or new_event_id(),
+        policy=body.policy,
+        candidates=tuple(Candidate(id=c.id, features=c.features) for c in body.candidates),
+        slots=slots,
+        context=body.context,
+        excluded=frozenset(body.excluded),
+        user_id=body.user_id,
+        defer=body.defer,
+    )
+    row = await service.decide(request)
+    return json_response(decision_out(row, include == "pmf"))
+
+
+@router.post(
+    "/v1/decisions/{event_id}/rewards",
+    response_model=RewardOut,
+    status_code=201,
+    responses=ERRORS,
+    summary="Report a reward for one slot of a decision",
+    description=(
+        "Give `slot` (index) or `id` (the candidate shown); neither means slot 0. Several "
+        "rewards for a slot are all stored and aggregated as the policy says (sum, first, "
+        "last). A reward after the policy's reward window is stored and flagged `late`."
+    ),
+)
+async def reward(event_id: str, body: RewardIn, service: ServiceDep) -> Response:
+    result = await service.reward(event_id, body.value, body.slot, body.id)
+    result["received_at"] = iso(result["received_at"])
+    return json_response(result, 201)
+
+
+@router.post(
+    "/v1/decisions/{event_id}/activate",
+    response_model=ActivationOut,
+    responses=ERRORS,
+    summary="Activate a deferred decision (it was really shown)",
+)
+async def activate(event_id: str, service: ServiceDep) -> Response:
+    result = await service.activate(event_id)
+    result["activated_at"] = iso(result["activated_at"])
+    return json_response(result)
+
+
+@router.get(
+    "/v1/decisions/{event_id}",
+    responses=ERRORS,
+    summary="Read a logged decision back, with its rewards",
+)
+async def get_decision(event_id: str, service: ServiceDep) -> Response:
+    row = await service.get_decision(event_id)
+    policy = service.policies.get(row["policy"])
+    how = policy.reward_aggregation if policy else "sum"
+    out = decision_out(row, include_pmf=True)
+    for slot, stored in zip(out["slots"], row["slots"], strict=True):
+        slot["slot_features"] = stored.get("slot_features", {})
+        on_time = [r["value"] for r in row["rewards"] if r["slot"] == slot["slot"] and not r["late"]]
+        slot["reward"] = aggregate(on_time, how)
+    out.update(
+        created_at=iso(row["created_at"]),
+        activated_at=iso(row["activated_at"]),
+        user_key=row["user_key"],
+        context=row["context"],
+        candidates=row["candidates"],
+        excluded=row["excluded"],
+        reward_aggregation=how,
+        rewards=[{**r, "received_at": iso(r["received_at"])} for r in row["rewards"]],
+    )
+    return json_response(out)
+
+
+@router.get("/v1/policies", summary="List the configured policies")
+async def list_policies(service: ServiceDep) -> Response:
+    return json_response({"policies": [p.to_dict() for p in service.policies.values()]})
+
+
+@router.get("/v1/policies/{name}", responses=ERRORS, summary="One policy's configuration")
+async def get_policy(name: str, service: ServiceDep) -> Response:
+    policy = service.policies.get(name)
+    if policy is None:
+        raise NotFound(f"unknown policy {name!r}", "name")
+    learner = service.learners[name]
+    return json_response({**policy.to_dict(), "model_version": learner.model_version})
+
+
+@router.get("/healthz", summary="The process is alive")
+async def healthz() -> Response:
+    return json_response({"status": "ok"})
+
+
+@router.get("/readyz", summary="Store reachable and migrations at head")
+async def readyz(service: ServiceDep) -> Response:
+    ok, reason = await service.readiness()
+    return json_response({"ready": ok, "reason": reason}, 200 if ok else 503)

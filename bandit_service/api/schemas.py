@@ -1,0 +1,122 @@
+"""Pydantic request/response models: the public JSON contract, with OpenAPI examples."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
+
+from bandit_service.api.features import check_features
+
+FeatureMap = Annotated[
+    dict[str, Any],
+    AfterValidator(check_features),
+    Field(
+        description=(
+            "feature -> string | number | boolean | list of strings; one level of nesting "
+            "means namespace -> features"
+        )
+    ),
+]
+Identifier = Annotated[StrictStr, Field(min_length=1, max_length=256)]
+EventId = Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")]
+FiniteNumber = Annotated[float, Field(allow_inf_nan=False, ge=-1e15, le=1e15)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CandidateIn(Strict):
+    id: Identifier
+    features: FeatureMap = Field(default_factory=dict)
+
+
+class SlotIn(Strict):
+    id: Identifier
+    features: FeatureMap = Field(default_factory=dict)
+
+
+DECISION_EXAMPLE = {
+    "policy": "default",
+    "user_id": "user-42",
+    "context": {"device": "mobile", "hour": 21, "user": {"segment": "sports"}},
+    "candidates": [
+        {"id": "article-1", "features": {"topic": "football", "age_hours": 2}},
+        {"id": "article-2", "features": {"topic": "politics", "age_hours": 5}},
+        {"id": "article-3", "features": {"topic": "cooking", "tags": ["quick", "vegan"]}},
+    ],
+    "slots": 2,
+}
+
+
+class DecisionIn(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [DECISION_EXAMPLE]})
+
+    policy: Identifier = "default"
+    user_id: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = None
+    context: FeatureMap = Field(default_factory=dict)
+    candidates: list[CandidateIn] = Field(
+        description="What may be shown; at least one, ids unique."
+    )
+    slots: Annotated[int, Field(ge=1, strict=True)] | list[SlotIn] | None = Field(
+        default=None, description="Number of ranked slots, or slot objects; default: the policy's"
+    )
+    excluded: list[Identifier] = Field(default_factory=list, max_length=10_000)
+    event_id: EventId | None = None
+    defer: bool = Field(default=False, strict=True)
+
+
+class SlotOut(BaseModel):
+    slot: int
+    slot_id: str
+    id: str
+    probability: float
+    explored: bool
+    pmf: list[dict[str, Any]] | None = None
+
+
+class DecisionOut(BaseModel):
+    event_id: str
+    policy: str
+    policy_version: str
+    arm: Literal["bandit", "holdout"]
+    model_version: int
+    deferred: bool
+    slots: list[SlotOut]
+
+
+class RewardIn(Strict):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"value": 1.0, "slot": 0}]}
+    )
+
+    value: FiniteNumber
+    slot: Annotated[int, Field(ge=0, strict=True)] | None = None
+    id: Identifier | None = None
+
+
+class RewardOut(BaseModel):
+    event_id: str
+    slot: int
+    id: str
+    value: float
+    late: bool
+    received_at: str
+
+
+class ActivationOut(BaseModel):
+    event_id: str
+    deferred: bool
+    activated_at: str | None
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,51 @@
+"""``create_app(settings)``: the FastAPI application, built from settings passed in."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy import Engine
+
+from bandit_service import __version__
+from bandit_service.api.errors import BodySizeLimit, install_error_handlers
+from bandit_service.api.routes import router
+from bandit_service.config import Settings
+from bandit_service.policy import load_policies
+from bandit_service.service import DecisionService
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """Build the app. Policies are loaded (and validated) now, so bad config fails at start."""
+    settings = settings or Settings()
+    policies = load_policies(settings.policies_dir)
+    service = DecisionService(settings, policies, engine=engine)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.close()
+
+    app = FastAPI(
+        title="bandit-service",
+        version=__version__,
+        description=(
+            "Contextual-bandit decisions with exact logged propensities. Decide which "
+            "candidates fill which ranked slots, report rewards, read decisions back."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` (each worker process builds its own app)."""
+    return create_app(Settings())

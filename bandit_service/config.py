@@ -1,0 +1,44 @@
+"""Service settings, read once from ``BANDIT_*`` environment variables and passed in.
+
+Nothing here is read at import time: ``Settings()`` is built by the CLI or by a test
+and handed to ``create_app``, so two apps with different settings can live in one process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SQLITE_URL = "sqlite:///bandit.db"
+
+
+class Settings(BaseSettings):
+    """All tunables of one service process."""
+
+    model_config = SettingsConfigDict(env_prefix="BANDIT_", extra="ignore")
+
+    database_url: str = Field(
+        default=DEFAULT_SQLITE_URL,
+        description="SQLAlchemy URL; SQLite file by default, postgresql+psycopg://… in production.",
+    )
+    policies_dir: Path = Field(default=Path("policies"), description="Folder of <name>.toml files.")
+    max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    max_candidates: int = Field(default=500, ge=1)
+    max_slots: int = Field(default=50, ge=1)
+    batch_max_rows: int = Field(default=512, ge=1, description="Group commit: rows per transaction.")
+    user_hash_secret: str | None = Field(
+        default=None,
+        description="HMAC key for user ids; if unset, a random key is created and kept in the store.",
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_driver(cls, value: str) -> str:
+        if not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("BANDIT_DATABASE_URL must be a sqlite:// or postgresql+psycopg:// URL")
+        if value.startswith("postgresql://"):
+            # psycopg 3 is the only PostgreSQL driver we install.
+            value = "postgresql+psycopg://" + value[len("postgresql://") :]
+        return value

@@ -1,0 +1,89 @@
+"""Plain, frozen data passed between the HTTP layer, the engine and the store.
+
+No FastAPI, SQLAlchemy or Vowpal Wabbit types appear here, so the engine can be driven
+from a script, a simulator or a test without a server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FeatureScalar = str | bool | int | float
+FeatureValue = FeatureScalar | Sequence[str]
+# A feature map: name -> value, or one level of nesting: namespace -> {name -> value}.
+Features = Mapping[str, Any]
+
+Arm = Literal["bandit", "holdout"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    id: str
+    features: Features = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Slot:
+    id: str
+    features: Features = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DecisionRequest:
+    """What a caller asks: fill ``slots`` in order from ``candidates`` for this context."""
+
+    event_id: str
+    policy: str
+    candidates: tuple[Candidate, ...]
+    slots: tuple[Slot, ...]
+    context: Features = field(default_factory=dict)
+    excluded: frozenset[str] = frozenset()
+    user_id: str | None = None
+    defer: bool = False
+
+
+@dataclass(frozen=True)
+class SlotChoice:
+    """One filled slot: what was shown, with the exact probability it was drawn with.
+
+    ``pmf`` is the distribution the draw used, over the candidates still eligible for this
+    slot (request order); ``probability`` is ``pmf``'s entry for ``id``. ``explored`` is true
+    when the drawn candidate is not the policy's greedy choice (the highest-probability
+    candidate of ``pmf``, ties broken by request order).
+    """
+
+    slot: int
+    slot_id: str
+    id: str
+    probability: float
+    explored: bool
+    pmf: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class Decision:
+    event_id: str
+    policy: str
+    policy_version: str
+    model_version: int
+    arm: Arm
+    slots: tuple[SlotChoice, ...]
+    deferred: bool = False
+
+
+def slot_list(count_or_slots: int | Sequence[Slot]) -> tuple[Slot, ...]:
+    """Normalise ``slots`` as given in a request: a count becomes ids ``"0"``, ``"1"``, …"""
+    if isinstance(count_or_slots, int):
+        return tuple(Slot(id=str(i)) for i in range(count_or_slots))
+    return tuple(count_or_slots)
+
+
+def to_jsonable(value: Any) -> Any:
+    """Feature maps as plain dicts/lists (for storage), whatever Mapping/Sequence came in."""
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,95 @@
+"""Fill ranked slots, one contextual-bandit draw per slot, logging exact propensities.
+
+For slot ``k`` the eligible set is the request's candidates minus exclusions minus those
+already placed in slots ``0..k-1``. The learner gives a distribution over that set, the
+engine draws from it with a generator seeded by the event id, and the logged probability
+is that distribution's value for the drawn candidate: P(candidate | context, earlier slots).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from bandit_service.domain import Candidate, Decision, DecisionRequest, SlotChoice
+from bandit_service.engine import sampling
+from bandit_service.errors import InvalidRequest, UnknownPolicy
+from bandit_service.learners.base import Learner
+from bandit_service.policy import PolicyConfig
+
+
+class DecisionEngine:
+    """Decides for any configured policy. Holds no I/O: callers log what it returns.
+
+    ``learner_for`` is looked up on every call so a newer model can be swapped in
+    atomically between decisions.
+    """
+
+    def __init__(
+        self,
+        policies: Mapping[str, PolicyConfig],
+        learner_for: Callable[[str], Learner],
+    ) -> None:
+        self.policies = dict(policies)
+        self._learner_for = learner_for
+
+    def policy(self, name: str) -> PolicyConfig:
+        try:
+            return self.policies[name]
+        except KeyError:
+            known = ", ".join(sorted(self.policies)) or "none"
+            raise UnknownPolicy(f"unknown policy {name!r} (known: {known})", "policy") from None
+
+    def decide(self, request: DecisionRequest) -> Decision:
+        policy = self.policy(request.policy)
+        candidates = request.candidates
+        _check_candidates(candidates)
+        eligible = [i for i, c in enumerate(candidates) if c.id not in request.excluded]
+        if not request.slots:
+            raise InvalidRequest("at least one slot is required", "slots")
+        if len(request.slots) > len(eligible):
+            raise InvalidRequest(
+                f"{len(request.slots)} slot(s) requested but only {len(eligible)} candidate(s) "
+                "are eligible after exclusions",
+                "slots",
+            )
+
+        learner = self._learner_for(policy.name)
+        scorer = learner.scorer(request.context, candidates)
+        rng = sampling.event_rng(request.event_id)
+        choices: list[SlotChoice] = []
+        for slot_index, slot in enumerate(request.slots):
+            pmf = sampling.normalise(scorer.pmf(slot_index, slot.features, eligible))
+            chosen = sampling.draw(pmf, rng.random())
+            choices.append(
+                SlotChoice(
+                    slot=slot_index,
+                    slot_id=slot.id,
+                    id=candidates[eligible[chosen]].id,
+                    probability=pmf[chosen],
+                    explored=chosen != sampling.greedy(pmf),
+                    pmf=tuple((candidates[i].id, p) for i, p in zip(eligible, pmf, strict=True)),
+                )
+            )
+            del eligible[chosen]
+        return Decision(
+            event_id=request.event_id,
+            policy=policy.name,
+            policy_version=policy.version,
+            model_version=learner.model_version,
+            arm="bandit",
+            slots=tuple(choices),
+            deferred=request.defer,
+        )
+
+
+def _check_candidates(candidates: tuple[Candidate, ...]) -> None:
+    if not candidates:
+        raise InvalidRequest("candidates must not be empty", "candidates")
+    seen: dict[str, int] = {}
+    for index, candidate in enumerate(candidates):
+        if candidate.id in seen:
+            raise InvalidRequest(
+                f"duplicate candidate id {candidate.id!r} (also at candidates[{seen[candidate.id]}])",
+                f"candidates[{index}].id",
+            )
+        seen[candidate.id] = index

@@ -1,0 +1,1 @@
+"""Learners score candidates for one slot. ``vw.py`` is the only module that imports VW."""

@@ -1,0 +1,26 @@
+"""The learner interface the engine depends on (VW in production, fakes in tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from bandit_service.domain import Candidate
+
+
+class SlotScorer(Protocol):
+    """Scores one request's candidates, slot after slot (rendering is shared across slots)."""
+
+    def pmf(
+        self, slot_index: int, slot_features: Mapping[str, Any], eligible: Sequence[int]
+    ) -> list[float]:
+        """Probabilities over ``eligible`` (indices into the request's candidates), in order."""
+        ...
+
+
+class Learner(Protocol):
+    model_version: int
+
+    def scorer(self, context: Mapping[str, Any], candidates: Sequence[Candidate]) -> SlotScorer:
+        """Prepare scoring for one request."""
+        ...

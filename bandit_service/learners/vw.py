@@ -1,0 +1,117 @@
+"""The only module that imports Vowpal Wabbit; also home of the one cost = -reward flip.
+
+Each slot is one ``cb_explore_adf`` decision: a shared line (context + slot features) and
+one line per still-eligible candidate. VW returns a probability mass function over those
+candidates; the engine draws from it with its own seeded sampler, so the logged probability
+is the one actually used.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import vowpalwabbit
+
+from bandit_service.domain import Candidate
+from bandit_service.learners import vw_text
+
+
+def cost_from_reward(reward: float) -> float:
+    """VW minimises cost; the service maximises reward. This is the only place the sign flips."""
+    return -reward
+
+
+def workspace_args(vw_args: str, seed: int = 0) -> str:
+    """The policy's VW arguments plus what the service always needs (quiet, seeded)."""
+    tokens = shlex.split(vw_args)
+    extra = ["--quiet"] if "--quiet" not in tokens else []
+    if "--random_seed" not in tokens:
+        extra += ["--random_seed", str(seed)]
+    return " ".join([*tokens, *extra])
+
+
+class VWLearner:
+    """A VW ``cb_explore_adf`` model for one policy.
+
+    VW workspaces are not thread-safe; a lock serialises calls so the learner may be shared
+    between the event loop and a training thread.
+    """
+
+    def __init__(self, vw_args: str, model_bytes: bytes | None = None, model_version: int = 0):
+        self.vw_args = vw_args
+        self.model_version = model_version
+        self._lock = threading.Lock()
+        self._ws = self._workspace(vw_args, model_bytes)
+
+    @staticmethod
+    def _workspace(vw_args: str, model_bytes: bytes | None) -> vowpalwabbit.Workspace:
+        args = workspace_args(vw_args)
+        if model_bytes is None:
+            return vowpalwabbit.Workspace(args)
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "model.vw")
+            with open(path, "wb") as handle:
+                handle.write(model_bytes)
+            return vowpalwabbit.Workspace(f"{args} --initial_regressor {shlex.quote(path)}")
+
+    def scorer(self, context: Mapping[str, Any], candidates: Sequence[Candidate]) -> _VWScorer:
+        return _VWScorer(self, context, candidates)
+
+    def predict_lines(self, lines: list[str]) -> list[float]:
+        with self._lock:
+            return list(self._ws.predict(lines))
+
+    def learn_slot(
+        self,
+        context: Mapping[str, Any],
+        slot_index: int,
+        slot_features: Mapping[str, Any],
+        candidates: Sequence[Candidate],
+        chosen: int,
+        probability: float,
+        reward: float,
+    ) -> None:
+        """Learn one slot's outcome: ``candidates`` are those that were eligible for it."""
+        lines = [vw_text.shared_line(context, slot_index, slot_features)]
+        label = f"0:{cost_from_reward(reward)!r}:{probability!r}"
+        for position, candidate in enumerate(candidates):
+            lines.append(
+                vw_text.action_line(
+                    candidate.id, candidate.features, label if position == chosen else ""
+                )
+            )
+        with self._lock:
+            self._ws.learn(lines)
+
+    def to_bytes(self) -> bytes:
+        with self._lock, tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "model.vw")
+            self._ws.save(path)
+            with open(path, "rb") as handle:
+                return handle.read()
+
+    def close(self) -> None:
+        with self._lock:
+            self._ws.finish()
+
+
+class _VWScorer:
+    """Renders each candidate once per request and reuses the text for every slot."""
+
+    def __init__(
+        self, learner: VWLearner, context: Mapping[str, Any], candidates: Sequence[Candidate]
+    ) -> None:
+        self._learner = learner
+        self._context = context
+        self._lines = [vw_text.action_line(c.id, c.features) for c in candidates]
+
+    def pmf(
+        self, slot_index: int, slot_features: Mapping[str, Any], eligible: Sequence[int]
+    ) -> list[float]:
+        shared = vw_text.shared_line(self._context, slot_index, slot_features)
+        return self._learner.predict_lines([shared, *(self._lines[i] for i in eligible)])

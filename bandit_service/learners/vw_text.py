@@ -1,0 +1,96 @@
+"""Render feature maps as Vowpal Wabbit text lines without letting data become syntax.
+
+In VW's text format ``|`` starts a namespace, ``:`` separates a weight, and whitespace
+separates features. Every feature name and string value therefore goes through
+:func:`escape`, which percent-encodes anything outside a small safe alphabet (including
+``%`` and ``=`` themselves, so the encoding is injective: two different features never
+render to the same token). Unicode is encoded as UTF-8 bytes, so it reaches VW as data.
+
+Namespace layout (the first letter is what ``-q``/``--interactions`` refer to):
+
+* flat context features        -> namespace ``context``  (``c``)
+* flat candidate features      -> namespace ``action``   (``a``)
+* flat slot features and index -> namespace ``slot``     (``s``)
+* a nested object ``{"user": {...}}`` -> a namespace named by its key (``u``)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+CONTEXT_NAMESPACE = "context"
+ACTION_NAMESPACE = "action"
+SLOT_NAMESPACE = "slot"
+NAMESPACE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-/+]")
+
+
+def _encode_match(match: re.Match[str]) -> str:
+    return "".join(f"%{byte:02X}" for byte in match.group().encode("utf-8"))
+
+
+def escape(text: str) -> str:
+    """Percent-encode every character that is not in ``[A-Za-z0-9_.-/+]``."""
+    if _UNSAFE.search(text) is None:
+        return text
+    return _UNSAFE.sub(_encode_match, text)
+
+
+def _format_number(value: float | int) -> str:
+    return format(float(value), ".9g")
+
+
+def _render_feature(name: str, value: Any, out: list[str]) -> None:
+    key = escape(name)
+    if isinstance(value, bool):
+        out.append(f"{key}={'true' if value else 'false'}")
+    elif isinstance(value, int | float):
+        out.append(f"{key}:{_format_number(value)}")
+    elif isinstance(value, str):
+        out.append(f"{key}={escape(value)}")
+    elif isinstance(value, list | tuple):
+        out.extend(f"{key}={escape(item)}" for item in value)
+    else:  # validated earlier; a programming error if reached
+        raise TypeError(f"feature {name!r} has unsupported type {type(value).__name__}")
+
+
+def render_namespaces(features: Mapping[str, Any], default_namespace: str) -> str:
+    """Render a (possibly one-level nested) feature map as `` |ns f … |ns2 g …``."""
+    flat: list[str] = []
+    nested: list[str] = []
+    for name, value in features.items():
+        if isinstance(value, Mapping):
+            if not NAMESPACE_NAME.match(name):
+                raise ValueError(f"namespace name {name!r} must match {NAMESPACE_NAME.pattern}")
+            tokens: list[str] = []
+            for inner_name, inner_value in value.items():
+                _render_feature(inner_name, inner_value, tokens)
+            nested.append(f" |{name} {' '.join(tokens)}")
+        else:
+            _render_feature(name, value, flat)
+    head = f" |{default_namespace} {' '.join(flat)}" if flat else ""
+    return head + "".join(nested)
+
+
+def shared_line(context: Mapping[str, Any], slot_index: int, slot_features: Mapping[str, Any]) -> str:
+    """The shared (context) line for one slot's decision: context plus the slot's features."""
+    slot_part = render_namespaces(slot_features, SLOT_NAMESPACE)
+    index = f" |{SLOT_NAMESPACE} slot_index={slot_index}"
+    return "shared" + render_namespaces(context, CONTEXT_NAMESPACE) + index + slot_part
+
+
+def action_line(candidate_id: str, features: Mapping[str, Any], label: str = "") -> str:
+    """One candidate's line; ``label`` is ``0:cost:probability`` on the chosen candidate.
+
+    The candidate id is always a feature (``id=…`` in the ``action`` namespace), so that
+    candidates described by their id alone can still be told apart and learned.
+    """
+    body = render_namespaces(features, ACTION_NAMESPACE)
+    id_token = f"id={escape(candidate_id)}"
+    prefix = f" |{ACTION_NAMESPACE} "
+    if body.startswith(prefix):
+        return f"{label}{prefix}{id_token} {body[len(prefix):]}"
+    return f"{label}{prefix}{id_token}{body}"

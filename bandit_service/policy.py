@@ -1,0 +1,128 @@
+"""Policy configuration: one TOML file per decision point, named after the policy.
+
+A policy is data, not code. Unknown keys are an error at start-up: a typo such as
+``reward_windw_seconds`` must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+RewardAggregation = Literal["sum", "first", "last"]
+_AGGREGATIONS = ("sum", "first", "last")
+POLICY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+# VW options that touch files, sockets or the process: the service owns model storage.
+_FORBIDDEN_VW_OPTIONS = {
+    "-d", "--data", "-f", "--final_regressor", "-i", "--initial_regressor", "-c", "--cache",
+    "--cache_file", "--daemon", "--port", "-p", "--predictions", "-r", "--raw_predictions",
+    "--readable_model", "--invert_hash", "--pid_file", "--port_file", "--save_per_pass",
+    "--output_feature_regularizer_binary", "--output_feature_regularizer_text",
+    "--feature_mask", "--initial_weight", "--dictionary", "--dictionary_path",
+    "--audit", "-a", "--num_children", "--foreground", "--json", "--dsjson",
+}  # fmt: skip
+
+
+class PolicyError(ValueError):
+    """A policy file is invalid; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Validated settings of one policy. ``version`` identifies this exact configuration."""
+
+    name: str
+    vw_args: str = "--cb_explore_adf --epsilon 0.1 -q ca -q sa"
+    slots: int = 1
+    reward_min: float = -1.0
+    reward_max: float = 1.0
+    default_reward: float = 0.0
+    reward_window_seconds: float = 3600.0
+    reward_aggregation: RewardAggregation = "sum"
+    description: str = ""
+
+    @property
+    def version(self) -> str:
+        """A short content hash of the configuration (not of the file's bytes or comments)."""
+        payload = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(payload).hexdigest()[:12]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "version": self.version}
+
+
+_KEYS = {f.name for f in fields(PolicyConfig)} - {"name"}
+
+
+def _fail(where: str, message: str) -> PolicyError:
+    return PolicyError(f"{where}: {message}")
+
+
+def parse_policy(name: str, raw: dict[str, Any], where: str = "<policy>") -> PolicyConfig:
+    """Validate a decoded TOML table into a :class:`PolicyConfig`."""
+    if not POLICY_NAME.match(name):
+        raise _fail(where, f"policy name {name!r} must match {POLICY_NAME.pattern}")
+    unknown = sorted(set(raw) - _KEYS)
+    if unknown:
+        raise _fail(where, f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_KEYS))}")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("vw_args", "description", "reward_aggregation"):
+            if not isinstance(value, str):
+                raise _fail(where, f"{key} must be a string")
+        elif key == "slots":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _fail(where, "slots must be an integer >= 1")
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            raise _fail(where, f"{key} must be a number")
+        values[key] = float(value) if key not in ("vw_args", "description", "slots",
+                                                  "reward_aggregation") else value
+    config = PolicyConfig(name=name, **values)
+    if config.reward_aggregation not in _AGGREGATIONS:
+        raise _fail(where, f"reward_aggregation must be one of {', '.join(_AGGREGATIONS)}")
+    if not config.reward_min < config.reward_max:
+        raise _fail(where, "reward_min must be below reward_max")
+    if not config.reward_min <= config.default_reward <= config.reward_max:
+        raise _fail(where, "default_reward must lie within [reward_min, reward_max]")
+    if not 1 <= config.reward_window_seconds <= 366 * 24 * 3600:
+        raise _fail(where, "reward_window_seconds must be between 1 second and a year")
+    _check_vw_args(config.vw_args, where)
+    return config
+
+
+def _check_vw_args(vw_args: str, where: str) -> None:
+    try:
+        tokens = shlex.split(vw_args)
+    except ValueError as exc:
+        raise _fail(where, f"vw_args cannot be parsed: {exc}") from exc
+    if "--cb_explore_adf" not in tokens:
+        raise _fail(where, "vw_args must contain --cb_explore_adf (one decision per slot)")
+    for token in tokens:
+        option = token.split("=", 1)[0]
+        if option in _FORBIDDEN_VW_OPTIONS:
+            raise _fail(where, f"vw_args may not contain {option}: the service manages model I/O")
+
+
+def load_policy_file(path: Path) -> PolicyConfig:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise _fail(str(path), f"not valid TOML: {exc}") from exc
+    return parse_policy(path.stem, raw, where=str(path))
+
+
+def load_policies(directory: Path) -> dict[str, PolicyConfig]:
+    """Load every ``*.toml`` in ``directory``; fail on the first invalid file."""
+    if not directory.is_dir():
+        raise PolicyError(f"policies directory {directory} does not exist (BANDIT_POLICIES_DIR)")
+    policies = {p.stem: load_policy_file(p) for p in sorted(directory.glob("*.toml"))}
+    if not policies:
+        raise PolicyError(f"no *.toml policy files in {directory}")
+    return policies

@@ -1,0 +1,253 @@
+"""The decision service: engine + store + group-commit writer, behind async methods.
+
+The HTTP layer only parses and formats; everything a caller relies on (validation beyond
+types, idempotent event ids, durability, reward bounds, lateness) happens here, so it is
+the same whether the service is driven over HTTP or from Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from bandit_service.config import Settings
+from bandit_service.domain import Decision, DecisionRequest, SlotChoice, to_jsonable
+from bandit_service.engine import DecisionEngine
+from bandit_service.errors import InvalidRequest, NotFound
+from bandit_service.learners.vw import VWLearner
+from bandit_service.policy import PolicyConfig
+from bandit_service.store import repository
+from bandit_service.store.database import check_ready, make_engine
+from bandit_service.store.writer import BatchWriter
+
+log = logging.getLogger(__name__)
+
+USER_HASH_KEY = "user_hash_secret"
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+def aggregate(values: list[float], how: str) -> float | None:
+    """Combine several rewards for one slot as the policy says."""
+    if not values:
+        return None
+    if how == "sum":
+        return float(sum(values))
+    if how == "first":
+        return values[0]
+    return values[-1]
+
+
+class DecisionService:
+    """One per process. ``start()`` before use, ``close()`` to flush and stop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        policies: Mapping[str, PolicyConfig],
+        engine: Engine | None = None,
+    ) -> None:
+        self.settings = settings
+        self.policies = dict(policies)
+        self.db = engine if engine is not None else make_engine(settings.database_url)
+        self.learners = {name: VWLearner(p.vw_args) for name, p in self.policies.items()}
+        self.engine = DecisionEngine(self.policies, self.learners.__getitem__)
+        self.writer = BatchWriter(self.db, max_rows=settings.batch_max_rows)
+        self._user_secret: bytes | None = None
+        self._in_flight: dict[str, asyncio.Future[dict[str, Any]]] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.writer.start()
+        ok, reason = await asyncio.to_thread(check_ready, self.db)
+        if ok:
+            await asyncio.to_thread(self._load_user_secret)
+        else:
+            log.warning("store not ready at start: %s", reason)
+
+    async def close(self) -> None:
+        await self.writer.close()
+        for learner in self.learners.values():
+            learner.close()
+
+    async def readiness(self) -> tuple[bool, str]:
+        ok, reason = await asyncio.to_thread(check_ready, self.db)
+        if ok and self._user_secret is None:
+            await asyncio.to_thread(self._load_user_secret)
+        return ok, reason
+
+    def _load_user_secret(self) -> None:
+        if self.settings.user_hash_secret:
+            self._user_secret = self.settings.user_hash_secret.encode()
+            return
+        with Session(self.db) as session, session.begin():
+            value = repository.get_or_create_meta(
+                session, USER_HASH_KEY, lambda: secrets.token_hex(32)
+            )
+        self._user_secret = value.encode()
+
+    def user_key(self, user_id: str) -> str:
+        """A keyed hash of the user id: the raw id is never stored."""
+        if self._user_secret is None:
+            self._load_user_secret()
+        assert self._user_secret is not None
+        return hmac.new(self._user_secret, user_id.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    # -- decisions -------------------------------------------------------------------------
+    async def decide(self, request: DecisionRequest) -> dict[str, Any]:
+        """Decide and log durably; a repeated event id returns the stored decision."""
+        self._check_limits(request)
+        pending = self._in_flight.get(request.event_id)
+        if pending is not None:  # the same event id is being decided right now
+            return await asyncio.shield(pending)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._in_flight[request.event_id] = future
+        try:
+            row = await self._decide_and_log(request)
+            future.set_result(row)
+            return row
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: concurrent waiters, if any, re-raise it
+            raise
+        finally:
+            del self._in_flight[request.event_id]
+
+    async def _decide_and_log(self, request: DecisionRequest) -> dict[str, Any]:
+        stored = await asyncio.to_thread(self._find, request.event_id)
+        if stored is not None:
+            return stored
+        decision = self.engine.decide(request)
+        user_key = self.user_key(request.user_id) if request.user_id is not None else None
+        row = decision_row(decision, request, user_key, time.time())
+        result = await self.writer.write_decision(row)
+        return result.row
+
+    def _find(self, event_id: str) -> dict[str, Any] | None:
+        with Session(self.db) as session:
+            return repository.get_decision(session, event_id)
+
+    def _check_limits(self, request: DecisionRequest) -> None:
+        s = self.settings
+        if len(request.candidates) > s.max_candidates:
+            raise InvalidRequest(
+                f"{len(request.candidates)} candidates exceed the limit of {s.max_candidates}",
+                "candidates",
+            )
+        if len(request.slots) > s.max_slots:
+            raise InvalidRequest(
+                f"{len(request.slots)} slots exceed the limit of {s.max_slots}", "slots"
+            )
+
+    async def get_decision(self, event_id: str) -> dict[str, Any]:
+        def read() -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+            with Session(self.db) as session:
+                row = repository.get_decision(session, event_id)
+                rewards = repository.rewards_for(session, event_id) if row else []
+                return row, rewards
+
+        row, rewards = await asyncio.to_thread(read)
+        if row is None:
+            raise NotFound(f"no decision with event id {event_id!r}", "event_id")
+        row = dict(row)
+        row["rewards"] = rewards
+        return row
+
+    # -- rewards and activation ------------------------------------------------------------
+    async def reward(
+        self, event_id: str, value: float, slot: int | None, candidate_id: str | None
+    ) -> dict[str, Any]:
+        row = await asyncio.to_thread(self._find, event_id)
+        if row is None:
+            raise NotFound(f"no decision with event id {event_id!r}", "event_id")
+        policy = self.policies.get(row["policy"])
+        shown = [s["id"] for s in row["slots"]]
+        index = _resolve_slot(shown, slot, candidate_id)
+        if policy is not None and not policy.reward_min <= value <= policy.reward_max:
+            raise InvalidRequest(
+                f"reward {value} is outside policy {policy.name!r}'s bounds "
+                f"[{policy.reward_min}, {policy.reward_max}]",
+                "value",
+            )
+        now = time.time()
+        window = policy.reward_window_seconds if policy is not None else float("inf")
+        start = row["activated_at"] if row["deferred"] else row["created_at"]
+        late = start is not None and now > start + window
+        await self.writer.write_reward(
+            {"event_id": event_id, "slot": index, "value": value, "received_at": now, "late": late}
+        )
+        return {"event_id": event_id, "slot": index, "id": shown[index], "value": value,
+                "late": late, "received_at": now}  # fmt: skip
+
+    async def activate(self, event_id: str) -> dict[str, Any]:
+        row = await asyncio.to_thread(self._find, event_id)
+        if row is None:
+            raise NotFound(f"no decision with event id {event_id!r}", "event_id")
+        if row["deferred"] and row["activated_at"] is None:
+            await self.writer.activate(event_id, time.time())
+            row = await asyncio.to_thread(self._find, event_id)
+            assert row is not None
+        return {"event_id": event_id, "deferred": row["deferred"],
+                "activated_at": row["activated_at"]}  # fmt: skip
+
+
+def _resolve_slot(shown: list[str], slot: int | None, candidate_id: str | None) -> int:
+    if candidate_id is not None:
+        if candidate_id not in shown:
+            raise InvalidRequest(
+                f"candidate {candidate_id!r} was not shown in this decision (shown: {shown})", "id"
+            )
+        index = shown.index(candidate_id)
+        if slot is not None and slot != index:
+            raise InvalidRequest(f"candidate {candidate_id!r} was shown in slot {index}", "slot")
+        return index
+    index = 0 if slot is None else slot
+    if not 0 <= index < len(shown):
+        raise InvalidRequest(f"slot {index} does not exist (decision has {len(shown)})", "slot")
+    return index
+
+
+def decision_row(
+    decision: Decision, request: DecisionRequest, user_key: str | None, created_at: float
+) -> dict[str, Any]:
+    """The stored form of a decision: enough to replay and evaluate it later."""
+    slot_features = {s.id: s.features for s in request.slots}
+    return {
+        "event_id": decision.event_id,
+        "policy": decision.policy,
+        "policy_version": decision.policy_version,
+        "model_version": decision.model_version,
+        "arm": decision.arm,
+        "user_key": user_key,
+        "context": to_jsonable(request.context),
+        "candidates": [{"id": c.id, "features": to_jsonable(c.features)} for c in request.candidates],
+        "slots": [_slot_json(c, slot_features.get(c.slot_id, {})) for c in decision.slots],
+        "excluded": sorted(request.excluded),
+        "created_at": created_at,
+        "deferred": decision.deferred,
+        "activated_at": None,
+    }
+
+
+def _slot_json(choice: SlotChoice, features: Any) -> dict[str, Any]:
+    return {
+        "slot": choice.slot,
+        "slot_id": choice.slot_id,
+        "slot_features": to_jsonable(features),
+        "id": choice.id,
+        "probability": choice.probability,
+        "explored": choice.explored,
+        "pmf": [[cid, p] for cid, p in choice.pmf],
+    }
