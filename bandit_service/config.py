@@ -27,10 +27,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     max_candidates: int = Field(default=500, ge=1)
     max_slots: int = Field(default=50, ge=1)
-    batch_max_rows: int = Field(default=512, ge=1, description="Group commit: rows per transaction.")
+    batch_max_rows: int = Field(
+        default=512, ge=1, description="Group commit: rows per transaction."
+    )
     user_hash_secret: str | None = Field(
         default=None,
-        description="HMAC key for user ids; if unset, a random key is created and kept in the store.",
+        description="HMAC key for user ids; unset: a random key is made and kept in the store.",
     )
 
     @field_validator("database_url")

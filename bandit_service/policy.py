@@ -71,7 +71,9 @@ def parse_policy(name: str, raw: dict[str, Any], where: str = "<policy>") -> Pol
         raise _fail(where, f"policy name {name!r} must match {POLICY_NAME.pattern}")
     unknown = sorted(set(raw) - _KEYS)
     if unknown:
-        raise _fail(where, f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_KEYS))}")
+        raise _fail(
+            where, f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_KEYS))}"
+        )
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key in ("vw_args", "description", "reward_aggregation"):
@@ -82,8 +84,11 @@ def parse_policy(name: str, raw: dict[str, Any], where: str = "<policy>") -> Pol
                 raise _fail(where, "slots must be an integer >= 1")
         elif isinstance(value, bool) or not isinstance(value, int | float):
             raise _fail(where, f"{key} must be a number")
-        values[key] = float(value) if key not in ("vw_args", "description", "slots",
-                                                  "reward_aggregation") else value
+        values[key] = (
+            float(value)
+            if key not in ("vw_args", "description", "slots", "reward_aggregation")
+            else value
+        )
     config = PolicyConfig(name=name, **values)
     if config.reward_aggregation not in _AGGREGATIONS:
         raise _fail(where, f"reward_aggregation must be one of {', '.join(_AGGREGATIONS)}")

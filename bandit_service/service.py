@@ -232,7 +232,9 @@ def decision_row(
         "arm": decision.arm,
         "user_key": user_key,
         "context": to_jsonable(request.context),
-        "candidates": [{"id": c.id, "features": to_jsonable(c.features)} for c in request.candidates],
+        "candidates": [
+            {"id": c.id, "features": to_jsonable(c.features)} for c in request.candidates
+        ],
         "slots": [_slot_json(c, slot_features.get(c.slot_id, {})) for c in decision.slots],
         "excluded": sorted(request.excluded),
         "created_at": created_at,

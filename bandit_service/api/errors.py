@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import uuid
@@ -151,10 +152,8 @@ class BodySizeLimit:
             if not too_large:
                 await send(message)
 
-        try:
+        with contextlib.suppress(_TooLarge):
             await self.app(scope, limited_receive, guarded_send)
-        except _TooLarge:
-            pass
         if too_large:
             await self._too_large(scope, receive, send)
 

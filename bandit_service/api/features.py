@@ -17,7 +17,9 @@ MAX_LIST_ITEMS = 100
 
 
 def _bad(path: str, message: str) -> PydanticCustomError:
-    return PydanticCustomError("feature_invalid", "{path}: {message}", {"path": path, "message": message})
+    return PydanticCustomError(
+        "feature_invalid", "{path}: {message}", {"path": path, "message": message}
+    )
 
 
 def _check_value(path: str, value: Any) -> None:

@@ -150,7 +150,9 @@ async def get_decision(event_id: str, service: ServiceDep) -> Response:
     out = decision_out(row, include_pmf=True)
     for slot, stored in zip(out["slots"], row["slots"], strict=True):
         slot["slot_features"] = stored.get("slot_features", {})
-        on_time = [r["value"] for r in row["rewards"] if r["slot"] == slot["slot"] and not r["late"]]
+        on_time = [
+            r["value"] for r in row["rewards"] if r["slot"] == slot["slot"] and not r["late"]
+        ]
         slot["reward"] = aggregate(on_time, how)
     out.update(
         created_at=iso(row["created_at"]),

@@ -20,7 +20,7 @@ FeatureMap = Annotated[
 ]
 Identifier = Annotated[StrictStr, Field(min_length=1, max_length=256)]
 EventId = Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")]
-FiniteNumber = Annotated[float, Field(allow_inf_nan=False, ge=-1e15, le=1e15)]
+FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-1e15, le=1e15)]
 
 
 class Strict(BaseModel):
@@ -37,7 +37,7 @@ class SlotIn(Strict):
     features: FeatureMap = Field(default_factory=dict)
 
 
-DECISION_EXAMPLE = {
+DECISION_EXAMPLE: dict[str, Any] = {
     "policy": "default",
     "user_id": "user-42",
     "context": {"device": "mobile", "hour": 21, "user": {"segment": "sports"}},

@@ -46,6 +46,9 @@ class DecisionEngine:
         eligible = [i for i, c in enumerate(candidates) if c.id not in request.excluded]
         if not request.slots:
             raise InvalidRequest("at least one slot is required", "slots")
+        slot_ids = [slot.id for slot in request.slots]
+        if len(set(slot_ids)) != len(slot_ids):
+            raise InvalidRequest(f"slot ids must be unique, got {slot_ids}", "slots")
         if len(request.slots) > len(eligible):
             raise InvalidRequest(
                 f"{len(request.slots)} slot(s) requested but only {len(eligible)} candidate(s) "
@@ -88,8 +91,9 @@ def _check_candidates(candidates: tuple[Candidate, ...]) -> None:
     seen: dict[str, int] = {}
     for index, candidate in enumerate(candidates):
         if candidate.id in seen:
+            first = seen[candidate.id]
             raise InvalidRequest(
-                f"duplicate candidate id {candidate.id!r} (also at candidates[{seen[candidate.id]}])",
+                f"duplicate candidate id {candidate.id!r} (also at candidates[{first}])",
                 f"candidates[{index}].id",
             )
         seen[candidate.id] = index

@@ -75,7 +75,9 @@ def render_namespaces(features: Mapping[str, Any], default_namespace: str) -> st
     return head + "".join(nested)
 
 
-def shared_line(context: Mapping[str, Any], slot_index: int, slot_features: Mapping[str, Any]) -> str:
+def shared_line(
+    context: Mapping[str, Any], slot_index: int, slot_features: Mapping[str, Any]
+) -> str:
     """The shared (context) line for one slot's decision: context plus the slot's features."""
     slot_part = render_namespaces(slot_features, SLOT_NAMESPACE)
     index = f" |{SLOT_NAMESPACE} slot_index={slot_index}"
@@ -92,5 +94,5 @@ def action_line(candidate_id: str, features: Mapping[str, Any], label: str = "")
     id_token = f"id={escape(candidate_id)}"
     prefix = f" |{ACTION_NAMESPACE} "
     if body.startswith(prefix):
-        return f"{label}{prefix}{id_token} {body[len(prefix):]}"
+        return f"{label}{prefix}{id_token} {body[len(prefix) :]}"
     return f"{label}{prefix}{id_token}{body}"

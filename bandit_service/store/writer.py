@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -65,10 +66,8 @@ class BatchWriter:
         if self._queue is not None and self._task is not None:
             await self._queue.join()
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         self._executor.shutdown(wait=True)
 
     async def write_decision(self, row: dict[str, Any]) -> DecisionWriteResult:

@@ -1,0 +1,78 @@
+"""Feature data must reach VW as data: no string in a request can change the example's syntax."""
+
+from __future__ import annotations
+
+import pytest
+
+from bandit_service.domain import Candidate
+from bandit_service.learners import vw_text
+from bandit_service.learners.vw import VWLearner, cost_from_reward
+
+NASTY = [
+    "plain",
+    "a|b",
+    "a:1.5",
+    "two words",
+    "tab\there",
+    "new\nline",
+    "cr\rreturn",
+    "pipe | action id=other",
+    "percent%20",
+    "equals=sign",
+    "ünïcødé ✓",
+    "\u00a0nbsp",
+    "shared",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", NASTY)
+def test_escaped_text_contains_no_vw_syntax(text: str) -> None:
+    escaped = vw_text.escape(text)
+    assert not set(escaped) & set("|: \t\r\n\u00a0="), escaped
+    assert escaped.isascii()
+
+
+def test_escape_is_injective() -> None:
+    samples = [*NASTY, "a%7Cb", "%", "%25", "a=b", "a%3Db"]
+    assert len({vw_text.escape(s) for s in samples}) == len(set(samples))
+
+
+def test_each_feature_renders_to_exactly_one_token() -> None:
+    features = {name: value for name, value in zip(NASTY, NASTY, strict=True) if name}
+    line = vw_text.action_line("id with space|", features)
+    namespace, *tokens = line.split()
+    assert namespace == "|action"
+    assert len(tokens) == 1 + len(features)  # the id, then one token per feature
+    assert line.count("|") == 1
+
+
+def test_numbers_booleans_lists_and_namespaces() -> None:
+    line = vw_text.shared_line(
+        {"price": 2.5, "new": True, "tags": ["x y", "z"], "user": {"age": 30}},
+        slot_index=1,
+        slot_features={"size": "big"},
+    )
+    assert line == (
+        "shared |context price:2.5 new=true tags=x%20y tags=z |user age:30 "
+        "|slot slot_index=1 |slot size=big"
+    )
+
+
+def test_bad_namespace_name_is_refused() -> None:
+    with pytest.raises(ValueError, match="namespace"):
+        vw_text.render_namespaces({"a b": {"x": 1}}, "context")
+
+
+def test_vw_accepts_hostile_features_and_returns_one_probability_each() -> None:
+    learner = VWLearner("--cb_explore_adf --epsilon 0.1 -q ca")
+    candidates = [Candidate(id=text or "empty", features={text or "f": text}) for text in NASTY]
+    pmf = learner.scorer({"q": "x | y:1"}, candidates).pmf(0, {}, list(range(len(candidates))))
+    assert len(pmf) == len(candidates)
+    assert sum(pmf) == pytest.approx(1.0, abs=1e-5)
+    learner.close()
+
+
+def test_cost_is_minus_reward() -> None:
+    assert cost_from_reward(1.0) == -1.0
+    assert cost_from_reward(-0.5) == 0.5
