@@ -7,9 +7,13 @@ and handed to ``create_app``, so two apps with different settings can live in on
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from bandit_service.training import TrainerOptions
 
 DEFAULT_SQLITE_URL = "sqlite:///bandit.db"
 
@@ -30,6 +34,19 @@ class Settings(BaseSettings):
     batch_max_rows: int = Field(
         default=512, ge=1, description="Group commit: rows per transaction."
     )
+    model_reload_seconds: float = Field(
+        default=2.0, gt=0, description="How often a serving process looks for a newer model."
+    )
+    trainer: Literal["inline", "off"] = Field(
+        default="inline",
+        description="inline: `serve` also trains (one process); off: run `bandit-service train`.",
+    )
+    train_interval_seconds: float = Field(default=1.0, gt=0)
+    trainer_batch_events: int = Field(default=2000, ge=1)
+    trainer_commit_grace_seconds: float = Field(
+        default=2.0, ge=0, description="Wait past a window's end for in-flight commits."
+    )
+    trainer_lease_seconds: float = Field(default=30.0, gt=0)
     user_hash_secret: str | None = Field(
         default=None,
         description="HMAC key for user ids; unset: a random key is made and kept in the store.",
@@ -44,3 +61,12 @@ class Settings(BaseSettings):
             # psycopg 3 is the only PostgreSQL driver we install.
             value = "postgresql+psycopg://" + value[len("postgresql://") :]
         return value
+
+    def trainer_options(self) -> TrainerOptions:
+        from bandit_service.training import TrainerOptions
+
+        return TrainerOptions(
+            batch_events=self.trainer_batch_events,
+            commit_grace_seconds=self.trainer_commit_grace_seconds,
+            lease_seconds=self.trainer_lease_seconds,
+        )

@@ -26,8 +26,11 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Slot:
+    """A ranked position. ``baseline`` is what apprentice/logging-only policies show here."""
+
     id: str
     features: Features = field(default_factory=dict)
+    baseline: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class SlotChoice:
     probability: float
     explored: bool
     pmf: tuple[tuple[str, float], ...]
+    model_id: str | None = None  # apprentice mode: what the model would have shown
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,19 @@ from typing import Any, Literal
 
 RewardAggregation = Literal["sum", "first", "last"]
 _AGGREGATIONS = ("sum", "first", "last")
+LearningMode = Literal["online", "apprentice", "logging_only"]
+_LEARNING_MODES = ("online", "apprentice", "logging_only")
+# Options that only change how the pmf is formed from the scores, not what the weights mean:
+# changing them keeps the trained model valid. Anything else starts a new model.
+_EXPLORATION_ONLY_OPTIONS = {
+    "--epsilon",
+    "--first",
+    "--gamma_scale",
+    "--gamma_exponent",
+    "--lambda",
+    "--random_seed",
+}
+_FLAGS_WITHOUT_MODEL_MEANING = {"--quiet"}  # fmt: skip
 POLICY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # VW options that touch files, sockets or the process: the service owns model storage.
@@ -46,6 +59,7 @@ class PolicyConfig:
     default_reward: float = 0.0
     reward_window_seconds: float = 3600.0
     reward_aggregation: RewardAggregation = "sum"
+    learning_mode: LearningMode = "online"
     description: str = ""
 
     @property
@@ -54,11 +68,41 @@ class PolicyConfig:
         payload = json.dumps(asdict(self), sort_keys=True).encode()
         return hashlib.sha256(payload).hexdigest()[:12]
 
+    @property
+    def model_key(self) -> str:
+        """Identifies the model *lineage*: the VW arguments minus exploration-only options.
+
+        Two policy versions with the same key can continue training one model (e.g. only
+        ``--epsilon`` changed); a different key (features, interactions, reductions) needs
+        a new model, warm-started by replaying the logged history.
+        """
+        tokens = shlex.split(self.vw_args)
+        kept: list[str] = []
+        skip_value = False
+        for token in tokens:
+            if skip_value:
+                skip_value = False
+                continue
+            option = token.split("=", 1)[0]
+            if option in _EXPLORATION_ONLY_OPTIONS:
+                skip_value = "=" not in token
+                continue
+            if option in _FLAGS_WITHOUT_MODEL_MEANING:
+                continue
+            kept.append(token)
+        return hashlib.sha256(" ".join(kept).encode()).hexdigest()[:12]
+
+    @property
+    def serves_baseline(self) -> bool:
+        """Apprentice and logging-only policies show the baseline, never the model's draw."""
+        return self.learning_mode != "online"
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "version": self.version}
+        return {**asdict(self), "version": self.version, "model_key": self.model_key}
 
 
 _KEYS = {f.name for f in fields(PolicyConfig)} - {"name"}
+_STRING_KEYS = {"vw_args", "description", "reward_aggregation", "learning_mode"}
 
 
 def _fail(where: str, message: str) -> PolicyError:
@@ -76,7 +120,7 @@ def parse_policy(name: str, raw: dict[str, Any], where: str = "<policy>") -> Pol
         )
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        if key in ("vw_args", "description", "reward_aggregation"):
+        if key in ("vw_args", "description", "reward_aggregation", "learning_mode"):
             if not isinstance(value, str):
                 raise _fail(where, f"{key} must be a string")
         elif key == "slots":
@@ -84,14 +128,12 @@ def parse_policy(name: str, raw: dict[str, Any], where: str = "<policy>") -> Pol
                 raise _fail(where, "slots must be an integer >= 1")
         elif isinstance(value, bool) or not isinstance(value, int | float):
             raise _fail(where, f"{key} must be a number")
-        values[key] = (
-            float(value)
-            if key not in ("vw_args", "description", "slots", "reward_aggregation")
-            else value
-        )
+        values[key] = value if key in _STRING_KEYS or key == "slots" else float(value)
     config = PolicyConfig(name=name, **values)
     if config.reward_aggregation not in _AGGREGATIONS:
         raise _fail(where, f"reward_aggregation must be one of {', '.join(_AGGREGATIONS)}")
+    if config.learning_mode not in _LEARNING_MODES:
+        raise _fail(where, f"learning_mode must be one of {', '.join(_LEARNING_MODES)}")
     if not config.reward_min < config.reward_max:
         raise _fail(where, "reward_min must be below reward_max")
     if not config.reward_min <= config.default_reward <= config.reward_max:

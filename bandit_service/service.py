@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -24,11 +25,12 @@ from bandit_service.config import Settings
 from bandit_service.domain import Decision, DecisionRequest, SlotChoice, to_jsonable
 from bandit_service.engine import DecisionEngine
 from bandit_service.errors import InvalidRequest, NotFound
-from bandit_service.learners.vw import VWLearner
+from bandit_service.model_registry import ModelRegistry
 from bandit_service.policy import PolicyConfig
 from bandit_service.store import repository
 from bandit_service.store.database import check_ready, make_engine
 from bandit_service.store.writer import BatchWriter
+from bandit_service.training import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +39,6 @@ USER_HASH_KEY = "user_hash_secret"
 
 def new_event_id() -> str:
     return uuid.uuid4().hex
-
-
-def aggregate(values: list[float], how: str) -> float | None:
-    """Combine several rewards for one slot as the policy says."""
-    if not values:
-        return None
-    if how == "sum":
-        return float(sum(values))
-    if how == "first":
-        return values[0]
-    return values[-1]
 
 
 class DecisionService:
@@ -62,11 +53,14 @@ class DecisionService:
         self.settings = settings
         self.policies = dict(policies)
         self.db = engine if engine is not None else make_engine(settings.database_url)
-        self.learners = {name: VWLearner(p.vw_args) for name, p in self.policies.items()}
-        self.engine = DecisionEngine(self.policies, self.learners.__getitem__)
+        self.models = ModelRegistry(self.db, self.policies)
+        self.engine = DecisionEngine(self.policies, self.models.get)
         self.writer = BatchWriter(self.db, max_rows=settings.batch_max_rows)
         self._user_secret: bytes | None = None
         self._in_flight: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._reload_task: asyncio.Task[None] | None = None
+        self._trainer_stop = threading.Event()
+        self._trainer_thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -74,13 +68,44 @@ class DecisionService:
         ok, reason = await asyncio.to_thread(check_ready, self.db)
         if ok:
             await asyncio.to_thread(self._load_user_secret)
+            await asyncio.to_thread(self.models.refresh)
         else:
             log.warning("store not ready at start: %s", reason)
+        self._reload_task = asyncio.get_running_loop().create_task(self._reload_loop())
+        if self.settings.trainer == "inline":
+            self._start_trainer()
+
+    def _start_trainer(self) -> None:
+        trainer = Trainer(
+            self.db,
+            self.policies,
+            self.settings.trainer_options(),
+            on_checkpoint=lambda _name, _version: self.models.refresh(),
+        )
+        self._trainer_thread = threading.Thread(
+            target=trainer.run_forever,
+            args=(self._trainer_stop, self.settings.train_interval_seconds),
+            name="trainer",
+            daemon=True,
+        )
+        self._trainer_thread.start()
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.model_reload_seconds)
+            try:
+                await asyncio.to_thread(self.models.refresh)
+            except Exception:
+                log.exception("model reload failed; serving the current models")
 
     async def close(self) -> None:
+        """Flush acknowledged writes, stop the trainer after its current step, stop reloads."""
         await self.writer.close()
-        for learner in self.learners.values():
-            learner.close()
+        if self._reload_task is not None:
+            self._reload_task.cancel()
+        self._trainer_stop.set()
+        if self._trainer_thread is not None:
+            await asyncio.to_thread(self._trainer_thread.join)
 
     async def readiness(self) -> tuple[bool, str]:
         ok, reason = await asyncio.to_thread(check_ready, self.db)
@@ -202,6 +227,65 @@ class DecisionService:
         return {"event_id": event_id, "deferred": row["deferred"],
                 "activated_at": row["activated_at"]}  # fmt: skip
 
+    # -- visibility ------------------------------------------------------------------------
+    async def policy_status(self, name: str) -> dict[str, Any]:
+        policy = self.policies.get(name)
+        if policy is None:
+            raise NotFound(f"unknown policy {name!r}", "name")
+        return await asyncio.to_thread(self._policy_status, policy)
+
+    def _policy_status(self, policy: PolicyConfig) -> dict[str, Any]:
+        now = time.time()
+        with Session(self.db) as session:
+            checkpoint = repository.latest_checkpoint(session, policy.name, policy.model_key)
+            position = checkpoint["position"] if checkpoint else 0
+            counts = repository.policy_counts(session, policy.name, position)
+            oldest = repository.oldest_pending_created_at(session, policy.name, position)
+            lease = repository.lease_holder(session, policy.name)
+            recent = (
+                repository.recent_slots(session, policy.name, 1000)
+                if policy.learning_mode == "apprentice"
+                else []
+            )
+        serving = self.models.get(policy.name)
+        counts["learned"] = checkpoint["learned_events"] if checkpoint else 0
+        counts["skipped"] = checkpoint["skipped_events"] if checkpoint else 0
+        # Lag: how long the oldest not-yet-learned event has been learnable (window closed).
+        lag = 0.0
+        if oldest is not None and policy.learning_mode != "logging_only":
+            lag = max(0.0, now - (oldest + policy.reward_window_seconds))
+        status: dict[str, Any] = {
+            "policy": policy.to_dict(),
+            "model": {
+                "version": checkpoint["model_version"] if checkpoint else 0,
+                "created_at": checkpoint["created_at"] if checkpoint else None,
+                "model_key": policy.model_key,
+                "policy_version": checkpoint["policy_version"] if checkpoint else None,
+                "log_position": position,
+                "note": checkpoint["note"] if checkpoint else "",
+                "serving_version": serving.model_version,
+                "serving_loaded_at": self.models.loaded_at(policy.name),
+            },
+            "counts": counts,
+            "trainer": {
+                "lag_seconds": lag,
+                "lease_owner": lease["owner"] if lease else None,
+                "mode": policy.learning_mode,
+            },
+        }
+        if policy.learning_mode == "apprentice":
+            pairs = [(s["id"], s.get("model_id")) for slots in recent for s in slots]
+            compared = [(shown, model) for shown, model in pairs if model is not None]
+            status["apprentice"] = {
+                "slots_compared": len(compared),
+                "match_rate": (
+                    sum(shown == model for shown, model in compared) / len(compared)
+                    if compared
+                    else None
+                ),
+            }
+        return status
+
 
 def _resolve_slot(shown: list[str], slot: int | None, candidate_id: str | None) -> int:
     if candidate_id is not None:
@@ -252,4 +336,5 @@ def _slot_json(choice: SlotChoice, features: Any) -> dict[str, Any]:
         "probability": choice.probability,
         "explored": choice.explored,
         "pmf": [[cid, p] for cid, p in choice.pmf],
+        "model_id": choice.model_id,
     }

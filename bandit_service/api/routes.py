@@ -18,8 +18,8 @@ from bandit_service.api.schemas import (
     RewardOut,
 )
 from bandit_service.domain import Candidate, DecisionRequest, Slot, slot_list
-from bandit_service.errors import NotFound
-from bandit_service.service import DecisionService, aggregate, new_event_id
+from bandit_service.rewards import aggregate
+from bandit_service.service import DecisionService, new_event_id
 
 router = APIRouter()
 
@@ -92,7 +92,7 @@ async def decide(
         if body.slots is None
         else body.slots
         if isinstance(body.slots, int)
-        else [Slot(id=s.id, features=s.features) for s in body.slots]
+        else [Slot(id=s.id, features=s.features, baseline=s.baseline) for s in body.slots]
     )
     request = DecisionRequest(
         event_id=body.event_id or new_event_id(),
@@ -172,13 +172,16 @@ async def list_policies(service: ServiceDep) -> Response:
     return json_response({"policies": [p.to_dict() for p in service.policies.values()]})
 
 
-@router.get("/v1/policies/{name}", responses=ERRORS, summary="One policy's configuration")
+@router.get(
+    "/v1/policies/{name}",
+    responses=ERRORS,
+    summary="A policy's configuration, model version, counts and trainer lag",
+)
 async def get_policy(name: str, service: ServiceDep) -> Response:
-    policy = service.policies.get(name)
-    if policy is None:
-        raise NotFound(f"unknown policy {name!r}", "name")
-    learner = service.learners[name]
-    return json_response({**policy.to_dict(), "model_version": learner.model_version})
+    status = await service.policy_status(name)
+    for key in ("created_at", "serving_loaded_at"):
+        status["model"][key] = iso(status["model"][key])
+    return json_response(status)
 
 
 @router.get("/healthz", summary="The process is alive")

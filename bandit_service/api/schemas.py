@@ -35,6 +35,11 @@ class CandidateIn(Strict):
 class SlotIn(Strict):
     id: Identifier
     features: FeatureMap = Field(default_factory=dict)
+    baseline: Identifier | None = Field(
+        default=None,
+        description="Candidate id that apprentice/logging-only policies show in this slot "
+        "(default: the first eligible candidate)",
+    )
 
 
 DECISION_EXAMPLE: dict[str, Any] = {

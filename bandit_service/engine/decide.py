@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from bandit_service.domain import Candidate, Decision, DecisionRequest, SlotChoice
+from bandit_service.domain import Candidate, Decision, DecisionRequest, Slot, SlotChoice
 from bandit_service.engine import sampling
 from bandit_service.errors import InvalidRequest, UnknownPolicy
-from bandit_service.learners.base import Learner
+from bandit_service.learners.base import Learner, SlotScorer
 from bandit_service.policy import PolicyConfig
 
 
@@ -61,8 +61,13 @@ class DecisionEngine:
         rng = sampling.event_rng(request.event_id)
         choices: list[SlotChoice] = []
         for slot_index, slot in enumerate(request.slots):
-            pmf = sampling.normalise(scorer.pmf(slot_index, slot.features, eligible))
-            chosen = sampling.draw(pmf, rng.random())
+            if policy.serves_baseline:
+                chosen, pmf, model_id = self._baseline(
+                    policy, scorer, slot_index, slot, candidates, eligible
+                )
+            else:
+                pmf = sampling.normalise(scorer.pmf(slot_index, slot.features, eligible))
+                chosen, model_id = sampling.draw(pmf, rng.random()), None
             choices.append(
                 SlotChoice(
                     slot=slot_index,
@@ -71,6 +76,7 @@ class DecisionEngine:
                     probability=pmf[chosen],
                     explored=chosen != sampling.greedy(pmf),
                     pmf=tuple((candidates[i].id, p) for i, p in zip(eligible, pmf, strict=True)),
+                    model_id=model_id,
                 )
             )
             del eligible[chosen]
@@ -83,6 +89,39 @@ class DecisionEngine:
             slots=tuple(choices),
             deferred=request.defer,
         )
+
+    @staticmethod
+    def _baseline(
+        policy: PolicyConfig,
+        scorer: SlotScorer,
+        slot_index: int,
+        slot: Slot,
+        candidates: tuple[Candidate, ...],
+        eligible: list[int],
+    ) -> tuple[int, list[float], str | None]:
+        """Apprentice / logging-only: show the baseline with probability 1.
+
+        The baseline is the slot's explicit ``baseline`` id, else the first eligible
+        candidate. Apprentice mode also asks the model what it would have shown, so the
+        match rate can be reported without ever showing the model's choice.
+        """
+        ids = [candidates[i].id for i in eligible]
+        if slot.baseline is None:
+            chosen = 0
+        elif slot.baseline in ids:
+            chosen = ids.index(slot.baseline)
+        else:
+            raise InvalidRequest(
+                f"baseline {slot.baseline!r} is not an eligible candidate for this slot "
+                "(unknown, excluded or already placed in an earlier slot)",
+                f"slots[{slot_index}].baseline",
+            )
+        pmf = [1.0 if i == chosen else 0.0 for i in range(len(ids))]
+        model_id = None
+        if policy.learning_mode == "apprentice":
+            model_pmf = scorer.pmf(slot_index, slot.features, eligible)
+            model_id = ids[sampling.greedy(model_pmf)]
+        return chosen, pmf, model_id
 
 
 def _check_candidates(candidates: tuple[Candidate, ...]) -> None:

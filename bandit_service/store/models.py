@@ -12,8 +12,10 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -53,7 +55,10 @@ class DecisionRow(Base):
     deferred: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     activated_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
-    __table_args__ = (Index("ix_decisions_policy_created", "policy", "created_at"),)
+    __table_args__ = (
+        Index("ix_decisions_policy_created", "policy", "created_at"),
+        Index("ix_decisions_policy_position", "policy", "position"),
+    )
 
 
 class RewardRow(Base):
@@ -80,3 +85,46 @@ class MetaRow(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text, nullable=False)
+
+
+class ModelCheckpointRow(Base):
+    """A trained model and the log position it covers, written in one transaction.
+
+    Every decision of ``policy`` with ``position <= position`` has been handled (learned,
+    or skipped for a stated reason) by this model; ``learned_events`` counts the learned
+    ones over the model's lineage (``model_key``). ``model_version`` increases per policy
+    across lineages, so a version number in the decision log is never ambiguous.
+    """
+
+    __tablename__ = "model_checkpoints"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    policy: Mapped[str] = mapped_column(String(64), nullable=False)
+    model_key: Mapped[str] = mapped_column(String(32), nullable=False)
+    policy_version: Mapped[str] = mapped_column(String(32), nullable=False)
+    model_version: Mapped[int] = mapped_column(Integer, nullable=False)
+    position: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    learned_events: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    skipped_events: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    note: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    model: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+
+    __table_args__ = (
+        UniqueConstraint("policy", "model_version", name="uq_checkpoint_policy_version"),
+        Index("ix_checkpoints_lineage", "policy", "model_key", "model_version"),
+    )
+
+
+class TrainerLeaseRow(Base):
+    """At most one active trainer per policy: a lease renewed while it works.
+
+    The checkpoint transaction re-checks the lease (fencing), so a trainer that lost its
+    lease during a long pause cannot overwrite the new owner's progress.
+    """
+
+    __tablename__ = "trainer_leases"
+
+    policy: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), nullable=False)
+    expires_at: Mapped[float] = mapped_column(Float, nullable=False)

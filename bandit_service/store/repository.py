@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import CursorResult, Update, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from bandit_service.store.models import DecisionRow, MetaRow, RewardRow
+from bandit_service.store.models import (
+    DecisionRow,
+    MetaRow,
+    ModelCheckpointRow,
+    RewardRow,
+    TrainerLeaseRow,
+)
 
 DECISION_COLUMNS = [c.name for c in DecisionRow.__table__.columns if c.name != "position"]
 
@@ -75,3 +82,175 @@ def get_or_create_meta(session: Session, key: str, factory: Callable[[], str]) -
     session.add(MetaRow(key=key, value=factory()))
     session.flush()
     return session.get(MetaRow, key).value  # type: ignore[union-attr]
+
+
+# -- training -----------------------------------------------------------------------------
+def decisions_after(
+    session: Session, policy: str, position: int, limit: int
+) -> list[dict[str, Any]]:
+    """The next ``limit`` decisions of a policy after a log position, each with its rewards."""
+    rows = session.execute(
+        select(DecisionRow)
+        .where(DecisionRow.policy == policy, DecisionRow.position > position)
+        .order_by(DecisionRow.position)
+        .limit(limit)
+    ).scalars()
+    decisions = [decision_as_dict(row) for row in rows]
+    by_event = {d["event_id"]: d for d in decisions}
+    for d in decisions:
+        d["rewards"] = []
+    if by_event:
+        rewards = session.execute(
+            select(RewardRow).where(RewardRow.event_id.in_(list(by_event))).order_by(RewardRow.id)
+        ).scalars()
+        for r in rewards:
+            by_event[r.event_id]["rewards"].append(
+                {"slot": r.slot, "value": r.value, "late": r.late, "received_at": r.received_at}
+            )
+    return decisions
+
+
+CHECKPOINT_SUMMARY = [
+    ModelCheckpointRow.id,
+    ModelCheckpointRow.policy,
+    ModelCheckpointRow.model_key,
+    ModelCheckpointRow.policy_version,
+    ModelCheckpointRow.model_version,
+    ModelCheckpointRow.position,
+    ModelCheckpointRow.learned_events,
+    ModelCheckpointRow.skipped_events,
+    ModelCheckpointRow.created_at,
+    ModelCheckpointRow.note,
+]
+
+
+def latest_checkpoint(
+    session: Session, policy: str, model_key: str | None = None, with_model: bool = False
+) -> dict[str, Any] | None:
+    """The newest checkpoint of a policy (of one model lineage if ``model_key`` is given)."""
+    columns = [*CHECKPOINT_SUMMARY, ModelCheckpointRow.model] if with_model else CHECKPOINT_SUMMARY
+    query = select(*columns).where(ModelCheckpointRow.policy == policy)
+    if model_key is not None:
+        query = query.where(ModelCheckpointRow.model_key == model_key)
+    row = session.execute(query.order_by(ModelCheckpointRow.model_version.desc()).limit(1)).first()
+    return dict(row._mapping) if row is not None else None
+
+
+def insert_checkpoint(session: Session, row: dict[str, Any], keep: int) -> int:
+    """Store a checkpoint with the next model version of its policy; keep the newest ``keep``."""
+    current = session.scalar(
+        select(func.max(ModelCheckpointRow.model_version)).where(
+            ModelCheckpointRow.policy == row["policy"]
+        )
+    )
+    version = (current or 0) + 1
+    session.execute(insert(ModelCheckpointRow), [{**row, "model_version": version}])
+    session.execute(
+        delete(ModelCheckpointRow).where(
+            ModelCheckpointRow.policy == row["policy"],
+            ModelCheckpointRow.model_version <= version - keep,
+        )
+    )
+    return version
+
+
+def acquire_lease(session: Session, policy: str, owner: str, now: float, ttl: float) -> bool:
+    """Take or renew the policy's trainer lease; false while another owner holds it."""
+    taken = _rowcount(
+        session,
+        update(TrainerLeaseRow)
+        .where(
+            TrainerLeaseRow.policy == policy,
+            (TrainerLeaseRow.owner == owner) | (TrainerLeaseRow.expires_at < now),
+        )
+        .values(owner=owner, expires_at=now + ttl),
+    )
+    if taken:
+        return True
+    if session.get(TrainerLeaseRow, policy) is not None:
+        return False
+    try:
+        with session.begin_nested():
+            session.add(TrainerLeaseRow(policy=policy, owner=owner, expires_at=now + ttl))
+    except IntegrityError:  # another trainer inserted it first
+        return False
+    return True
+
+
+def renew_own_lease(session: Session, policy: str, owner: str, now: float, ttl: float) -> bool:
+    """Fencing: extend the lease only if we still own it (even if it expired meanwhile and
+    nobody took it)."""
+    return bool(
+        _rowcount(
+            session,
+            update(TrainerLeaseRow)
+            .where(TrainerLeaseRow.policy == policy, TrainerLeaseRow.owner == owner)
+            .values(expires_at=now + ttl),
+        )
+    )
+
+
+def _rowcount(session: Session, statement: Update) -> int:
+    result = session.execute(statement.execution_options(synchronize_session=False))
+    return int(cast(CursorResult[Any], result).rowcount)
+
+
+def release_lease(session: Session, policy: str, owner: str) -> None:
+    session.execute(
+        delete(TrainerLeaseRow).where(
+            TrainerLeaseRow.policy == policy, TrainerLeaseRow.owner == owner
+        )
+    )
+
+
+def lease_holder(session: Session, policy: str) -> dict[str, Any] | None:
+    row = session.get(TrainerLeaseRow, policy)
+    return {"owner": row.owner, "expires_at": row.expires_at} if row else None
+
+
+# -- status -------------------------------------------------------------------------------
+def policy_counts(session: Session, policy: str, position: int) -> dict[str, int]:
+    decisions = session.scalar(
+        select(func.count()).select_from(DecisionRow).where(DecisionRow.policy == policy)
+    )
+    pending = session.scalar(
+        select(func.count())
+        .select_from(DecisionRow)
+        .where(DecisionRow.policy == policy, DecisionRow.position > position)
+    )
+    joined = select(RewardRow).join(DecisionRow, DecisionRow.event_id == RewardRow.event_id)
+    rewarded = session.scalar(
+        select(func.count(func.distinct(RewardRow.event_id)))
+        .join(DecisionRow, DecisionRow.event_id == RewardRow.event_id)
+        .where(DecisionRow.policy == policy, RewardRow.late.is_(False))
+    )
+    late = session.scalar(
+        select(func.count()).select_from(
+            joined.where(DecisionRow.policy == policy, RewardRow.late.is_(True)).subquery()
+        )
+    )
+    return {
+        "decisions": int(decisions or 0),
+        "rewarded": int(rewarded or 0),
+        "late_rewards": int(late or 0),
+        "pending": int(pending or 0),
+    }
+
+
+def oldest_pending_created_at(session: Session, policy: str, position: int) -> float | None:
+    return session.scalar(
+        select(func.min(DecisionRow.created_at)).where(
+            DecisionRow.policy == policy, DecisionRow.position > position
+        )
+    )
+
+
+def recent_slots(session: Session, policy: str, limit: int) -> list[list[dict[str, Any]]]:
+    return list(
+        session.scalars(
+            select(DecisionRow.slots)
+            .where(DecisionRow.policy == policy)
+            .order_by(DecisionRow.position.desc())
+            .limit(limit)
+        )
+    )

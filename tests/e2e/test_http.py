@@ -126,7 +126,7 @@ def test_health_readiness_and_docs(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/v1/decisions"]["post"]["requestBody"]
     assert body and "examples" in str(spec["components"]["schemas"]["DecisionIn"])
-    assert client.get("/v1/policies/bounded").json()["reward_aggregation"] == "last"
+    assert client.get("/v1/policies/bounded").json()["policy"]["reward_aggregation"] == "last"
 
 
 def test_readyz_is_false_before_migrations(empty_database_url: str, policies_dir: Any) -> None:

@@ -23,7 +23,7 @@ from bandit_service.store.database import (
 )
 from bandit_service.store.models import DecisionRow, RewardRow
 
-TABLES = {"decisions", "rewards", "service_meta"}
+TABLES = {"decisions", "rewards", "service_meta", "model_checkpoints", "trainer_leases"}
 
 
 def _tables(url: str) -> set[str]:
@@ -103,7 +103,7 @@ def test_repeated_event_id_returns_the_stored_decision_after_restart(settings: S
 
 @pytest.mark.parametrize("how", ["sum", "first", "last"])
 def test_aggregation(how: str) -> None:
-    from bandit_service.service import aggregate
+    from bandit_service.rewards import aggregate
 
     expected = {"sum": 3.0, "first": 1.0, "last": 2.0}[how]
     assert aggregate([1.0, 0.0, 2.0], how) == expected

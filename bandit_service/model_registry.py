@@ -1,0 +1,70 @@
+"""The models a serving process decides with, and their hot reload from checkpoints.
+
+Every process (API worker) polls the store for each policy's newest checkpoint of its
+current model lineage and, when it is newer than what it serves, loads it into a fresh
+VW workspace and swaps the reference. The swap is one dictionary assignment, so a decision
+uses either the old model or the new one, never a mix; in-flight decisions keep a
+reference to the model they started with.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from bandit_service.learners.vw import VWLearner
+from bandit_service.policy import PolicyConfig
+from bandit_service.store import repository
+
+log = logging.getLogger(__name__)
+
+
+class ModelRegistry:
+    def __init__(self, db: Engine, policies: Mapping[str, PolicyConfig]) -> None:
+        self._db = db
+        self._policies = dict(policies)
+        self._learners = {name: VWLearner(p.vw_args) for name, p in self._policies.items()}
+        self._loaded_at = dict.fromkeys(self._policies, time.time())
+        self._refresh_lock = threading.Lock()
+        self.reloads = 0
+
+    def get(self, name: str) -> VWLearner:
+        return self._learners[name]
+
+    def loaded_at(self, name: str) -> float:
+        return self._loaded_at[name]
+
+    def refresh(self) -> list[str]:
+        """Load newer checkpoints; returns the policies whose model changed."""
+        changed: list[str] = []
+        with self._refresh_lock:
+            for name, policy in self._policies.items():
+                current = self._learners[name].model_version
+                with Session(self._db) as session:
+                    latest = repository.latest_checkpoint(session, name, policy.model_key)
+                    if latest is None or latest["model_version"] <= current:
+                        continue
+                    full = repository.latest_checkpoint(
+                        session, name, policy.model_key, with_model=True
+                    )
+                assert full is not None
+                try:
+                    version = full["model_version"]
+                    learner = VWLearner(policy.vw_args, full["model"], version)
+                except Exception:  # a bad checkpoint must not stop serving
+                    log.exception(
+                        "policy %s: cannot load model version %d; still serving version %d",
+                        name, full["model_version"], current,
+                    )  # fmt: skip
+                    continue
+                self._learners[name] = learner
+                self._loaded_at[name] = time.time()
+                self.reloads += 1
+                changed.append(name)
+                log.info("policy %s: now serving model version %d", name, full["model_version"])
+        return changed

@@ -1,0 +1,299 @@
+"""The trainer: join rewards to decisions once their window closes, learn, checkpoint.
+
+Exactly-once learning (DESIGN invariant 4): the model and the log position it covers are
+saved in one transaction. A crash between learning and checkpoint loses the in-memory
+learning *and* the position together, so the restarted trainer relearns exactly those
+events from the last checkpoint: nothing skipped, nothing learned twice.
+
+Events are handled strictly in log-position order. An event is ready when its reward
+window has closed plus a small commit grace (so a decision or reward still in flight in
+another process's group commit is not overtaken); the first event not yet ready stops the
+batch. A deferred decision counts only if it was activated within its reward window from
+creation; its rewards then count until ``activated_at + window``. Otherwise it is skipped
+(counted, not learned).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from bandit_service.domain import Candidate
+from bandit_service.learners.vw import VWLearner
+from bandit_service.policy import PolicyConfig
+from bandit_service.rewards import slot_rewards
+from bandit_service.store import repository
+
+log = logging.getLogger(__name__)
+
+
+class TrainableLearner(Protocol):
+    model_version: int
+
+    def learn_slot(
+        self,
+        context: Mapping[str, Any],
+        slot_index: int,
+        slot_features: Mapping[str, Any],
+        candidates: list[Candidate],
+        chosen: int,
+        probability: float,
+        reward: float,
+    ) -> None: ...
+
+    def to_bytes(self) -> bytes: ...
+
+
+LearnerFactory = Callable[[str, bytes | None, int], TrainableLearner]
+
+
+def vw_learner_factory(vw_args: str, model: bytes | None, version: int) -> TrainableLearner:
+    return VWLearner(vw_args, model_bytes=model, model_version=version)
+
+
+@dataclass(frozen=True)
+class TrainerOptions:
+    batch_events: int = 2000
+    commit_grace_seconds: float = 2.0
+    lease_seconds: float = 30.0
+    keep_checkpoints: int = 5
+
+
+@dataclass
+class StepResult:
+    policy: str
+    active: bool  # false: another trainer holds the lease
+    learned: int = 0
+    skipped: int = 0
+    model_version: int | None = None
+    more: bool = False  # a full batch was handled; call again
+
+
+class LeaseLost(RuntimeError):
+    pass
+
+
+def readiness(decision: Mapping[str, Any], policy: PolicyConfig, now: float, grace: float) -> str:
+    """``"learn"``, ``"skip"`` (deferred, never activated in time) or ``"wait"``."""
+    window = policy.reward_window_seconds
+    created = decision["created_at"]
+    if decision["deferred"]:
+        activated = decision["activated_at"]
+        if activated is None or activated > created + window:
+            return "skip" if now >= created + window + grace else "wait"
+        end = activated + window
+    else:
+        end = created + window
+    return "learn" if now >= end + grace else "wait"
+
+
+@dataclass
+class PolicyTrainer:
+    """Trains one policy's model. Not thread-safe: one thread drives it."""
+
+    db: Engine
+    policy: PolicyConfig
+    owner: str
+    options: TrainerOptions = field(default_factory=TrainerOptions)
+    clock: Callable[[], float] = time.time
+    learner_factory: LearnerFactory = vw_learner_factory
+    before_checkpoint: Callable[[], None] | None = None  # crash injection for tests
+
+    learner: TrainableLearner | None = None
+    position: int = 0
+    learned_events: int = 0
+    skipped_events: int = 0
+    model_version: int = 0
+    note: str = ""
+
+    def step(self) -> StepResult:
+        now = self.clock()
+        with Session(self.db) as session, session.begin():
+            if not repository.acquire_lease(
+                session, self.policy.name, self.owner, now, self.options.lease_seconds
+            ):
+                self.learner = None  # someone else trains; reload when we get the lease
+                return StepResult(self.policy.name, active=False)
+            latest = repository.latest_checkpoint(session, self.policy.name)
+            if self.learner is None or (latest and latest["model_version"] != self.model_version):
+                self._load(session)
+            batch = repository.decisions_after(
+                session, self.policy.name, self.position, self.options.batch_events
+            )
+        return self._learn_batch(batch, now)
+
+    def _load(self, session: Session) -> None:
+        """Resume from this lineage's newest checkpoint, or start (warm) from position 0."""
+        name, key = self.policy.name, self.policy.model_key
+        checkpoint = repository.latest_checkpoint(session, name, key, with_model=True)
+        if checkpoint is not None:
+            self.learner = self.learner_factory(
+                self.policy.vw_args, checkpoint["model"], checkpoint["model_version"]
+            )
+            self.position = checkpoint["position"]
+            self.learned_events = checkpoint["learned_events"]
+            self.skipped_events = checkpoint["skipped_events"]
+            self.model_version = checkpoint["model_version"]
+            self.note = checkpoint["note"]
+            return
+        self.learner = self.learner_factory(self.policy.vw_args, None, 0)
+        self.position = self.learned_events = self.skipped_events = 0
+        other = repository.latest_checkpoint(session, name)
+        if other is not None:
+            self.model_version = other["model_version"]
+            self.note = (
+                f"new model {key} for policy version {self.policy.version} (the previous "
+                f"model {other['model_key']} is not compatible with vw_args "
+                f"{self.policy.vw_args!r}); warm-starting by replaying the logged history"
+            )
+            log.warning("policy %s: %s", name, self.note)
+        else:
+            self.model_version = 0
+            self.note = ""
+
+    def _learn_batch(self, batch: list[dict[str, Any]], now: float) -> StepResult:
+        assert self.learner is not None
+        learned = skipped = 0
+        position = self.position
+        for decision in batch:
+            state = readiness(decision, self.policy, now, self.options.commit_grace_seconds)
+            if state == "wait":
+                break
+            if state == "learn" and decision["arm"] == "bandit":
+                self._learn_decision(decision)
+                learned += 1
+            else:
+                skipped += 1
+            position = decision["position"]
+        result = StepResult(self.policy.name, active=True, learned=learned, skipped=skipped)
+        if position == self.position:
+            result.model_version = self.model_version
+            return result
+        if self.before_checkpoint is not None:
+            self.before_checkpoint()
+        self._checkpoint(position, learned, skipped)
+        result.model_version = self.model_version
+        result.more = len(batch) == self.options.batch_events and position == batch[-1]["position"]
+        return result
+
+    def _learn_decision(self, decision: Mapping[str, Any]) -> None:
+        assert self.learner is not None
+        features = {c["id"]: c.get("features", {}) for c in decision["candidates"]}
+        rewards = slot_rewards(decision, self.policy)
+        apprentice = self.policy.learning_mode == "apprentice"
+        for slot, reward in zip(decision["slots"], rewards, strict=True):
+            eligible = [Candidate(cid, features.get(cid, {})) for cid, _p in slot["pmf"]]
+            chosen = next(i for i, c in enumerate(eligible) if c.id == slot["id"])
+            # Apprentice mode imitates: with only the baseline ever shown there is nothing to
+            # compare its reward against, so the baseline is learned as the best action.
+            self.learner.learn_slot(
+                decision["context"],
+                slot["slot"],
+                slot.get("slot_features") or {},
+                eligible,
+                chosen,
+                slot["probability"],
+                self.policy.reward_max if apprentice else reward,
+            )
+
+    def _checkpoint(self, position: int, learned: int, skipped: int) -> None:
+        assert self.learner is not None
+        model = self.learner.to_bytes()
+        now = self.clock()
+        with Session(self.db) as session, session.begin():
+            if not repository.renew_own_lease(
+                session, self.policy.name, self.owner, now, self.options.lease_seconds
+            ):
+                self.learner = None
+                raise LeaseLost(f"trainer {self.owner} lost the lease of {self.policy.name}")
+            version = repository.insert_checkpoint(
+                session,
+                {
+                    "policy": self.policy.name,
+                    "model_key": self.policy.model_key,
+                    "policy_version": self.policy.version,
+                    "position": position,
+                    "learned_events": self.learned_events + learned,
+                    "skipped_events": self.skipped_events + skipped,
+                    "created_at": now,
+                    "note": self.note,
+                    "model": model,
+                },
+                keep=self.options.keep_checkpoints,
+            )
+        self.position = position
+        self.learned_events += learned
+        self.skipped_events += skipped
+        self.model_version = version
+        self.learner.model_version = version
+
+    def release(self) -> None:
+        with Session(self.db) as session, session.begin():
+            repository.release_lease(session, self.policy.name, self.owner)
+
+
+class Trainer:
+    """Trains every learning policy; at most one active trainer per policy across processes."""
+
+    def __init__(
+        self,
+        db: Engine,
+        policies: Mapping[str, PolicyConfig],
+        options: TrainerOptions | None = None,
+        clock: Callable[[], float] = time.time,
+        learner_factory: LearnerFactory = vw_learner_factory,
+        on_checkpoint: Callable[[str, int], object] | None = None,
+    ) -> None:
+        self.owner = f"trainer-{uuid.uuid4().hex[:12]}"
+        self.on_checkpoint = on_checkpoint
+        self.trainers = {
+            name: PolicyTrainer(
+                db,
+                policy,
+                self.owner,
+                options or TrainerOptions(),
+                clock=clock,
+                learner_factory=learner_factory,
+            )
+            for name, policy in policies.items()
+            if policy.learning_mode != "logging_only"
+        }
+
+    def run_once(self) -> dict[str, StepResult]:
+        """Learn everything ready now; returns the last step's result per policy."""
+        results: dict[str, StepResult] = {}
+        for name, trainer in self.trainers.items():
+            before = trainer.model_version
+            try:
+                result = trainer.step()
+                while result.more:
+                    result = trainer.step()
+            except LeaseLost as exc:
+                log.warning("%s", exc)
+                result = StepResult(name, active=False)
+            results[name] = result
+            if result.model_version not in (None, before) and self.on_checkpoint:
+                self.on_checkpoint(name, result.model_version)
+        return results
+
+    def run_forever(self, stop: threading.Event, interval: float) -> None:
+        """Train until ``stop`` is set; errors are logged and retried, never fatal."""
+        while not stop.is_set():
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("training cycle failed; retrying in %.1fs", interval)
+            stop.wait(interval)
+        for trainer in self.trainers.values():
+            try:
+                trainer.release()
+            except Exception:
+                log.exception("could not release the lease of %s", trainer.policy.name)
