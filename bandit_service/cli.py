@@ -1,4 +1,4 @@
-"""``bandit-service``: serve | migrate | check-policies."""
+"""``bandit-service``: serve | migrate | train | check-policies."""
 
 from __future__ import annotations
 
@@ -42,6 +42,41 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    """A standalone trainer, for deployments with several API processes (BANDIT_TRAINER=off
+    on those). Several may run; a lease lets at most one train each policy, the others wait.
+    """
+    import signal
+    import threading
+
+    from bandit_service.store.database import make_engine
+    from bandit_service.training import Trainer
+
+    settings = Settings()
+    policies = load_policies(settings.policies_dir)
+    if args.policy:
+        unknown = sorted(set(args.policy) - set(policies))
+        if unknown:
+            raise PolicyError(f"unknown policy {', '.join(unknown)}")
+        policies = {name: policies[name] for name in args.policy}
+    engine = make_engine(settings.database_url)
+    trainer = Trainer(engine, policies, settings.trainer_options())
+    log = logging.getLogger("bandit_service.train")
+    if args.once:
+        for name, result in trainer.run_once().items():
+            state = "trained" if result.active else "waiting (another trainer holds the lease)"
+            print(f"{name}: {state}; learned {result.learned}, skipped {result.skipped}, "
+                  f"model version {result.model_version}")  # fmt: skip
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("trainer %s started for %s", trainer.owner, ", ".join(trainer.trainers) or "nothing")
+    trainer.run_forever(stop, settings.train_interval_seconds)
+    log.info("trainer %s stopped", trainer.owner)
+    return 0
+
+
 def _check_policies(_args: argparse.Namespace) -> int:
     settings = Settings()
     for name, policy in load_policies(settings.policies_dir).items():
@@ -73,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--down", action="store_true", help="downgrade to REVISION instead")
     migrate.set_defaults(func=_migrate)
 
+    train = sub.add_parser(
+        "train", help="run the trainer (when serve runs with BANDIT_TRAINER=off)"
+    )
+    train.add_argument("--policy", action="append", help="only this policy (repeatable)")
+    train.add_argument("--once", action="store_true", help="learn what is ready now, then exit")
+    train.set_defaults(func=_train)
+
     check = sub.add_parser("check-policies", help="validate the policy files and print them")
     check.set_defaults(func=_check_policies)
     return parser
@@ -80,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -131,8 +131,12 @@ class DecisionService:
         return hmac.new(self._user_secret, user_id.encode("utf-8"), hashlib.sha256).hexdigest()
 
     # -- decisions -------------------------------------------------------------------------
-    async def decide(self, request: DecisionRequest) -> dict[str, Any]:
-        """Decide and log durably; a repeated event id returns the stored decision."""
+    async def decide(self, request: DecisionRequest, *, may_exist: bool = True) -> dict[str, Any]:
+        """Decide and log durably; a repeated event id returns the stored decision.
+
+        ``may_exist=False`` (the service generated the event id) skips the look-up; the
+        group-commit writer still refuses to store an event id twice.
+        """
         self._check_limits(request)
         pending = self._in_flight.get(request.event_id)
         if pending is not None:  # the same event id is being decided right now
@@ -140,7 +144,7 @@ class DecisionService:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._in_flight[request.event_id] = future
         try:
-            row = await self._decide_and_log(request)
+            row = await self._decide_and_log(request, may_exist)
             future.set_result(row)
             return row
         except BaseException as exc:
@@ -150,10 +154,11 @@ class DecisionService:
         finally:
             del self._in_flight[request.event_id]
 
-    async def _decide_and_log(self, request: DecisionRequest) -> dict[str, Any]:
-        stored = await asyncio.to_thread(self._find, request.event_id)
-        if stored is not None:
-            return stored
+    async def _decide_and_log(self, request: DecisionRequest, may_exist: bool) -> dict[str, Any]:
+        if may_exist:
+            stored = await asyncio.to_thread(self._find, request.event_id)
+            if stored is not None:
+                return stored
         decision = self.engine.decide(request)
         user_key = self.user_key(request.user_id) if request.user_id is not None else None
         row = decision_row(decision, request, user_key, time.time())

@@ -288,7 +288,12 @@ class Trainer:
         """Train until ``stop`` is set; errors are logged and retried, never fatal."""
         while not stop.is_set():
             try:
-                self.run_once()
+                for name, result in self.run_once().items():
+                    if result.learned or result.skipped:
+                        log.info(
+                            "policy %s: learned %d, skipped %d; model version %s",
+                            name, result.learned, result.skipped, result.model_version,
+                        )  # fmt: skip
             except Exception:
                 log.exception("training cycle failed; retrying in %.1fs", interval)
             stop.wait(interval)

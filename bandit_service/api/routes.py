@@ -31,7 +31,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_service(request: Request) -> DecisionService:
+async def get_service(request: Request) -> DecisionService:
     service: DecisionService = request.app.state.service
     return service
 
@@ -104,7 +104,7 @@ async def decide(
         user_id=body.user_id,
         defer=body.defer,
     )
-    row = await service.decide(request)
+    row = await service.decide(request, may_exist=body.event_id is not None)
     return json_response(decision_out(row, include == "pmf"))
 
 

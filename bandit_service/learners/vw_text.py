@@ -45,9 +45,7 @@ def _format_number(value: float | int) -> str:
 
 def _render_feature(name: str, value: Any, out: list[str]) -> None:
     key = escape(name)
-    if isinstance(value, bool):
-        out.append(f"{key}={'true' if value else 'false'}")
-    elif isinstance(value, int | float):
+    if isinstance(value, int | float):  # booleans too: true -> 1, false -> 0
         out.append(f"{key}:{_format_number(value)}")
     elif isinstance(value, str):
         out.append(f"{key}={escape(value)}")
@@ -82,6 +80,32 @@ def shared_line(
     slot_part = render_namespaces(slot_features, SLOT_NAMESPACE)
     index = f" |{SLOT_NAMESPACE} slot_index={slot_index}"
     return "shared" + render_namespaces(context, CONTEXT_NAMESPACE) + index + slot_part
+
+
+class ActionLineCache:
+    """Rendered candidate lines, reused across requests and training events.
+
+    Rendering a 10-feature candidate costs ~15 µs in Python and a page holds 50-500 of
+    them, while a catalogue's candidates recur from request to request. One entry per
+    candidate id holds the features it was rendered from; a hit needs them to be *equal*
+    to the current ones. That is exact because values that compare equal render equally
+    (``True``, ``1`` and ``1.0`` all render as ``:1``). Bounded: the cache is emptied when
+    it reaches ``max_entries``.
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._lines: dict[str, tuple[dict[str, Any], str]] = {}
+
+    def line(self, candidate_id: str, features: Mapping[str, Any]) -> str:
+        entry = self._lines.get(candidate_id)
+        if entry is not None and entry[0] == features:
+            return entry[1]
+        if len(self._lines) >= self.max_entries:
+            self._lines.clear()
+        line = action_line(candidate_id, features)
+        self._lines[candidate_id] = (dict(features), line)
+        return line
 
 
 def action_line(candidate_id: str, features: Mapping[str, Any], label: str = "") -> str:

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import orjson
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -16,8 +17,18 @@ from sqlalchemy import Engine, create_engine, event, text
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
 
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """Create an engine with the settings each backend needs for durable group commits."""
+    """Create an engine with the settings each backend needs for durable group commits.
+
+    JSON columns go through orjson: a decision row carries every candidate's features, and
+    the standard library's encoder and decoder were a third of the trainer's time.
+    """
+    kwargs.setdefault("json_serializer", _json_dumps)
+    kwargs.setdefault("json_deserializer", orjson.loads)
     if url.startswith("sqlite"):
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import vowpalwabbit
 
 from bandit_service.domain import Candidate
 from bandit_service.learners import vw_text
@@ -54,7 +55,7 @@ def test_numbers_booleans_lists_and_namespaces() -> None:
         slot_features={"size": "big"},
     )
     assert line == (
-        "shared |context price:2.5 new=true tags=x%20y tags=z |user age:30 "
+        "shared |context price:2.5 new:1 tags=x%20y tags=z |user age:30 "
         "|slot slot_index=1 |slot size=big"
     )
 
@@ -76,3 +77,52 @@ def test_vw_accepts_hostile_features_and_returns_one_probability_each() -> None:
 def test_cost_is_minus_reward() -> None:
     assert cost_from_reward(1.0) == -1.0
     assert cost_from_reward(-0.5) == 0.5
+
+
+def test_line_cache_follows_feature_changes() -> None:
+    cache = vw_text.ActionLineCache(max_entries=2)
+    assert cache.line("a", {"x": True}) == " |action id=a x:1"
+    assert cache.line("a", {"x": 1}) == " |action id=a x:1"  # equal values render equally
+    assert cache.line("a", {"x": False}) == " |action id=a x:0"
+    assert cache.line("a", {"x": 1.5}) == " |action id=a x:1.5"
+    assert cache.line("a", {"x": ["p", "q"]}) == " |action id=a x=p x=q"
+    assert cache.line("b", {"n": {"x": "v"}}) == " |action id=b |n x=v"
+    assert cache.line("c", {}) == " |action id=c"  # evicts; still right afterwards
+    assert cache.line("a", {"x": "s"}) == " |action id=a x=s"
+
+
+def test_learning_labels_the_chosen_candidate() -> None:
+    learner = VWLearner("--cb_explore_adf --epsilon 0.0")
+    candidates = [Candidate("a"), Candidate("b"), Candidate("c")]
+    for _ in range(20):
+        learner.learn_slot({}, 0, {}, candidates, 1, 0.5, 1.0)  # b earns reward 1
+    pmf = learner.scorer({}, candidates).pmf(0, {}, [0, 1, 2])
+    assert pmf[1] == max(pmf) and pmf[1] > 0.9
+    learner.close()
+
+
+def test_direct_pylibvw_calls_match_the_public_api() -> None:
+    """VWLearner bypasses pyvw's per-line wrappers; results must equal ws.predict/ws.learn."""
+    import random
+
+    args = "--cb_explore_adf --epsilon 0.2 -q ca --quiet --random_seed 3"
+    fast = VWLearner(args)
+    public = vowpalwabbit.Workspace(args)
+    rng = random.Random(5)
+    candidates = [Candidate(f"c{i}", {"t": f"v{i % 3}", "x": i / 10}) for i in range(8)]
+    for step in range(60):
+        context = {"u": rng.choice("abc"), "w": rng.random()}
+        lines = [vw_text.shared_line(context, 0, {})]
+        lines += [vw_text.action_line(c.id, c.features) for c in candidates]
+        assert fast.predict_lines(lines) == public.predict(lines)
+        chosen, reward = rng.randrange(8), rng.choice([0.0, 1.0])
+        fast.learn_slot(context, 0, {}, candidates, chosen, 0.3, reward)
+        lines[1 + chosen] = f"0:{-reward!r}:0.3{lines[1 + chosen]}"
+        public.learn(lines)
+        assert step >= 0
+    final = [vw_text.shared_line({"u": "a", "w": 0.5}, 0, {})]
+    final += [vw_text.action_line(c.id, c.features) for c in candidates]
+    assert fast.predict_lines(final) == public.predict(final)
+    assert max(fast.predict_lines(final)) > 0.5  # it did learn something
+    public.finish()
+    fast.close()

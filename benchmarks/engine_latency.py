@@ -1,0 +1,62 @@
+"""Decision-engine latency without HTTP or storage: the cost of scoring and sampling.
+
+    .venv/bin/python benchmarks/engine_latency.py [--repeat 2000]
+
+Shapes: 50 candidates x 10 features with a 20-feature context, 1 and 3 slots; 500
+candidates x 10 features, 5 slots. Each request carries fresh feature dicts (as parsed
+from JSON), so the rendered-line cache is exercised the way the API exercises it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _synthetic import candidates, context
+
+from bandit_service.domain import Candidate, DecisionRequest, slot_list
+from bandit_service.engine import DecisionEngine
+from bandit_service.learners.vw import VWLearner
+from bandit_service.policy import PolicyConfig
+
+
+def run(count: int, slots: int, repeat: int) -> tuple[float, float, float]:
+    rng = random.Random(count * 100 + slots)
+    policy = PolicyConfig(name="bench", vw_args="--cb_explore_adf --epsilon 0.1 -q ua -q sa")
+    learner = VWLearner(policy.vw_args)
+    engine = DecisionEngine({"bench": policy}, lambda _name: learner)
+    pool = candidates(rng, count)
+    timings = []
+    for i in range(repeat):
+        fresh = tuple(Candidate(c.id, dict(c.features)) for c in pool)  # as if parsed anew
+        request = DecisionRequest(f"e{i}", "bench", fresh, slot_list(slots), context(rng))
+        start = time.perf_counter()
+        engine.decide(request)
+        timings.append((time.perf_counter() - start) * 1000)
+    timings.sort()
+    return (
+        statistics.median(timings),
+        timings[int(0.99 * len(timings)) - 1],
+        1000 / statistics.mean(timings),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=2000)
+    args = parser.parse_args()
+    print(f"{'shape':<28}{'p50 ms':>10}{'p99 ms':>10}{'decisions/s':>14}")
+    for count, slots in [(50, 1), (50, 3), (500, 5)]:
+        repeat = args.repeat if count <= 50 else max(200, args.repeat // 10)
+        p50, p99, rate = run(count, slots, repeat)
+        print(f"{f'{count} candidates, {slots} slot(s)':<28}{p50:>10.3f}{p99:>10.3f}{rate:>14.0f}")
+
+
+if __name__ == "__main__":
+    main()
