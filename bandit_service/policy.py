@@ -60,6 +60,13 @@ class PolicyConfig:
     reward_window_seconds: float = 3600.0
     reward_aggregation: RewardAggregation = "sum"
     learning_mode: LearningMode = "online"
+    # The popularity holdout arm (see bandit_service/holdout.py).
+    holdout_share: float = 0.05
+    holdout_salt: str = ""
+    popularity_half_life_seconds: float = 7 * 24 * 3600.0
+    popularity_prior_strength: float = 10.0
+    popularity_refresh_seconds: float = 60.0
+    category_feature: str = ""  # candidate feature used for the breadth guardrail
     description: str = ""
 
     @property
@@ -102,7 +109,10 @@ class PolicyConfig:
 
 
 _KEYS = {f.name for f in fields(PolicyConfig)} - {"name"}
-_STRING_KEYS = {"vw_args", "description", "reward_aggregation", "learning_mode"}
+_STRING_KEYS = {
+    "vw_args", "description", "reward_aggregation", "learning_mode", "holdout_salt",
+    "category_feature",
+}  # fmt: skip
 
 
 def _fail(where: str, message: str) -> PolicyError:
@@ -120,7 +130,7 @@ def parse_policy(name: str, raw: dict[str, Any], where: str = "<policy>") -> Pol
         )
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        if key in ("vw_args", "description", "reward_aggregation", "learning_mode"):
+        if key in _STRING_KEYS:
             if not isinstance(value, str):
                 raise _fail(where, f"{key} must be a string")
         elif key == "slots":
@@ -140,6 +150,14 @@ def parse_policy(name: str, raw: dict[str, Any], where: str = "<policy>") -> Pol
         raise _fail(where, "default_reward must lie within [reward_min, reward_max]")
     if not 1 <= config.reward_window_seconds <= 366 * 24 * 3600:
         raise _fail(where, "reward_window_seconds must be between 1 second and a year")
+    if not 0 <= config.holdout_share <= 0.5:
+        raise _fail(where, "holdout_share must be between 0 and 0.5")
+    if not config.popularity_half_life_seconds >= 1:
+        raise _fail(where, "popularity_half_life_seconds must be at least 1")
+    if not config.popularity_prior_strength > 0:
+        raise _fail(where, "popularity_prior_strength must be positive")
+    if not config.popularity_refresh_seconds >= 1:
+        raise _fail(where, "popularity_refresh_seconds must be at least 1")
     _check_vw_args(config.vw_args, where)
     return config
 

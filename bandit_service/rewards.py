@@ -7,6 +7,8 @@ from typing import Any
 
 from bandit_service.policy import PolicyConfig
 
+PRIMARY = "primary"  # the reward kind that is learned; others (e.g. satisfaction) are reported
+
 
 def aggregate(values: list[float], how: str) -> float | None:
     """Combine several rewards for one slot as the policy says."""
@@ -24,7 +26,9 @@ def slot_rewards(decision: Mapping[str, Any], policy: PolicyConfig) -> list[floa
     rewards: list[float] = []
     for slot in decision["slots"]:
         values = [
-            r["value"] for r in decision["rewards"] if r["slot"] == slot["slot"] and not r["late"]
+            r["value"]
+            for r in decision["rewards"]
+            if r["slot"] == slot["slot"] and not r["late"] and r.get("kind", PRIMARY) == PRIMARY
         ]
         value = aggregate(values, policy.reward_aggregation)
         rewards.append(policy.default_reward if value is None else value)

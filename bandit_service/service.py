@@ -25,8 +25,10 @@ from bandit_service.config import Settings
 from bandit_service.domain import Decision, DecisionRequest, SlotChoice, to_jsonable
 from bandit_service.engine import DecisionEngine
 from bandit_service.errors import InvalidRequest, NotFound
+from bandit_service.holdout import PopularityBoard
 from bandit_service.model_registry import ModelRegistry
 from bandit_service.policy import PolicyConfig
+from bandit_service.rewards import PRIMARY
 from bandit_service.store import repository
 from bandit_service.store.database import check_ready, make_engine
 from bandit_service.store.writer import BatchWriter
@@ -54,7 +56,10 @@ class DecisionService:
         self.policies = dict(policies)
         self.db = engine if engine is not None else make_engine(settings.database_url)
         self.models = ModelRegistry(self.db, self.policies)
-        self.engine = DecisionEngine(self.policies, self.models.get)
+        self.popularity = PopularityBoard(
+            self.db, self.policies, settings.trainer_commit_grace_seconds
+        )
+        self.engine = DecisionEngine(self.policies, self.models.get, self.popularity.get)
         self.writer = BatchWriter(self.db, max_rows=settings.batch_max_rows)
         self._user_secret: bytes | None = None
         self._in_flight: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -69,6 +74,7 @@ class DecisionService:
         if ok:
             await asyncio.to_thread(self._load_user_secret)
             await asyncio.to_thread(self.models.refresh)
+            await asyncio.to_thread(self.popularity.refresh_due, time.time())
         else:
             log.warning("store not ready at start: %s", reason)
         self._reload_task = asyncio.get_running_loop().create_task(self._reload_loop())
@@ -97,6 +103,10 @@ class DecisionService:
                 await asyncio.to_thread(self.models.refresh)
             except Exception:
                 log.exception("model reload failed; serving the current models")
+            try:
+                await asyncio.to_thread(self.popularity.refresh_due, time.time())
+            except Exception:
+                log.exception("popularity refresh failed; serving the current ranking")
 
     async def close(self) -> None:
         """Flush acknowledged writes, stop the trainer after its current step, stop reloads."""
@@ -197,15 +207,26 @@ class DecisionService:
 
     # -- rewards and activation ------------------------------------------------------------
     async def reward(
-        self, event_id: str, value: float, slot: int | None, candidate_id: str | None
+        self,
+        event_id: str,
+        value: float,
+        slot: int | None,
+        candidate_id: str | None,
+        kind: str = PRIMARY,
     ) -> dict[str, Any]:
+        """Store a reward. The primary kind must lie within the policy's bounds and is what
+        the trainer learns; other kinds (e.g. ``satisfaction``) are stored for reports."""
         row = await asyncio.to_thread(self._find, event_id)
         if row is None:
             raise NotFound(f"no decision with event id {event_id!r}", "event_id")
         policy = self.policies.get(row["policy"])
         shown = [s["id"] for s in row["slots"]]
         index = _resolve_slot(shown, slot, candidate_id)
-        if policy is not None and not policy.reward_min <= value <= policy.reward_max:
+        if (
+            kind == PRIMARY
+            and policy is not None
+            and not policy.reward_min <= value <= policy.reward_max
+        ):
             raise InvalidRequest(
                 f"reward {value} is outside policy {policy.name!r}'s bounds "
                 f"[{policy.reward_min}, {policy.reward_max}]",
@@ -216,10 +237,17 @@ class DecisionService:
         start = row["activated_at"] if row["deferred"] else row["created_at"]
         late = start is not None and now > start + window
         await self.writer.write_reward(
-            {"event_id": event_id, "slot": index, "value": value, "received_at": now, "late": late}
+            {
+                "event_id": event_id,
+                "slot": index,
+                "value": value,
+                "received_at": now,
+                "late": late,
+                "kind": kind,
+            }
         )
         return {"event_id": event_id, "slot": index, "id": shown[index], "value": value,
-                "late": late, "received_at": now}  # fmt: skip
+                "kind": kind, "late": late, "received_at": now}  # fmt: skip
 
     async def activate(self, event_id: str) -> dict[str, Any]:
         row = await asyncio.to_thread(self._find, event_id)

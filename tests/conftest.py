@@ -27,10 +27,12 @@ REQUIRE_POSTGRES = bool(os.environ.get("CI")) or os.environ.get("BANDIT_REQUIRE_
 
 TEST_POLICIES = {
     "default": """
+holdout_share = 0
 vw_args = "--cb_explore_adf --epsilon 0.2 -q ca -q sa"
 slots = 1
 """,
     "bounded": """
+holdout_share = 0
 vw_args = "--cb_explore_adf --epsilon 0.1"
 slots = 2
 reward_min = 0

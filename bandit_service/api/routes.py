@@ -121,7 +121,7 @@ async def decide(
     ),
 )
 async def reward(event_id: str, body: RewardIn, service: ServiceDep) -> Response:
-    result = await service.reward(event_id, body.value, body.slot, body.id)
+    result = await service.reward(event_id, body.value, body.slot, body.id, body.kind)
     result["received_at"] = iso(result["received_at"])
     return json_response(result, 201)
 

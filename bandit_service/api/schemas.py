@@ -99,6 +99,11 @@ class RewardIn(Strict):
     value: FiniteNumber
     slot: Annotated[int, Field(ge=0, strict=True)] | None = None
     id: Identifier | None = None
+    kind: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")] = Field(
+        default="primary",
+        description="`primary` (learned, within the policy's bounds) or another kind such as "
+        "`satisfaction`, stored and reported beside it",
+    )
 
 
 class RewardOut(BaseModel):
@@ -106,6 +111,7 @@ class RewardOut(BaseModel):
     slot: int
     id: str
     value: float
+    kind: str
     late: bool
     received_at: str
 

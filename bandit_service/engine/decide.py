@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from bandit_service.domain import Candidate, Decision, DecisionRequest, Slot, SlotChoice
 from bandit_service.engine import sampling
 from bandit_service.errors import InvalidRequest, UnknownPolicy
+from bandit_service.holdout import PopularityScores, in_holdout, ranking
 from bandit_service.learners.base import Learner, SlotScorer
 from bandit_service.policy import PolicyConfig
 
@@ -28,9 +29,11 @@ class DecisionEngine:
         self,
         policies: Mapping[str, PolicyConfig],
         learner_for: Callable[[str], Learner],
+        popularity_for: Callable[[str], PopularityScores] | None = None,
     ) -> None:
         self.policies = dict(policies)
         self._learner_for = learner_for
+        self._popularity_for = popularity_for
 
     def policy(self, name: str) -> PolicyConfig:
         try:
@@ -57,6 +60,8 @@ class DecisionEngine:
             )
 
         learner = self._learner_for(policy.name)
+        if in_holdout(policy, request.user_id, request.event_id):
+            return self._holdout(policy, request, eligible, learner.model_version)
         scorer = learner.scorer(request.context, candidates)
         rng = sampling.event_rng(request.event_id)
         choices: list[SlotChoice] = []
@@ -86,6 +91,41 @@ class DecisionEngine:
             policy_version=policy.version,
             model_version=learner.model_version,
             arm="bandit",
+            slots=tuple(choices),
+            deferred=request.defer,
+        )
+
+    def _holdout(
+        self, policy: PolicyConfig, request: DecisionRequest, eligible: list[int], version: int
+    ) -> Decision:
+        """The popularity arm: slots filled in popularity order, each with probability 1."""
+        popularity = (
+            self._popularity_for(policy.name)
+            if self._popularity_for is not None
+            else PopularityScores(prior=0.0)
+        )
+        ids = [request.candidates[i].id for i in eligible]
+        order = ranking(ids, popularity)
+        choices = []
+        for slot_index, slot in enumerate(request.slots):
+            chosen_id = ids[order[slot_index]]
+            remaining = [ids[i] for i in sorted(order[slot_index:])]  # still eligible
+            choices.append(
+                SlotChoice(
+                    slot=slot_index,
+                    slot_id=slot.id,
+                    id=chosen_id,
+                    probability=1.0,
+                    explored=False,
+                    pmf=tuple((cid, 1.0 if cid == chosen_id else 0.0) for cid in remaining),
+                )
+            )
+        return Decision(
+            event_id=request.event_id,
+            policy=policy.name,
+            policy_version=policy.version,
+            model_version=version,
+            arm="holdout",
             slots=tuple(choices),
             deferred=request.defer,
         )

@@ -74,6 +74,7 @@ class RewardRow(Base):
     value: Mapped[float] = mapped_column(Float, nullable=False)
     received_at: Mapped[float] = mapped_column(Float, nullable=False)
     late: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False, server_default="primary")
 
     __table_args__ = (Index("ix_rewards_event", "event_id", "id"),)
 

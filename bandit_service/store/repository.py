@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Update, delete, func, insert, select, update
@@ -60,6 +60,7 @@ def rewards_for(session: Session, event_id: str) -> list[dict[str, Any]]:
             "value": r.value,
             "received_at": r.received_at,
             "late": r.late,
+            "kind": r.kind,
         }
         for r in rows
     ]
@@ -84,17 +85,43 @@ def get_or_create_meta(session: Session, key: str, factory: Callable[[], str]) -
     return session.get(MetaRow, key).value  # type: ignore[union-attr]
 
 
+# -- reading the log in chunks --------------------------------------------------------------
+def iter_decisions(
+    engine: Any,
+    policy: str,
+    since: float | None = None,
+    until: float | None = None,
+    chunk: int = 5000,
+) -> Iterator[list[dict[str, Any]]]:
+    """Decisions (with rewards) of a policy in log order, a chunk per short transaction, so
+    memory stays bounded and no transaction is held open across the whole scan."""
+    position = 0
+    while True:
+        with Session(engine) as session:
+            batch = decisions_after(session, policy, position, chunk, since, until)
+        if not batch:
+            return
+        yield batch
+        position = batch[-1]["position"]
+
+
 # -- training -----------------------------------------------------------------------------
 def decisions_after(
-    session: Session, policy: str, position: int, limit: int
+    session: Session,
+    policy: str,
+    position: int,
+    limit: int,
+    since: float | None = None,
+    until: float | None = None,
 ) -> list[dict[str, Any]]:
-    """The next ``limit`` decisions of a policy after a log position, each with its rewards."""
-    rows = session.execute(
-        select(DecisionRow)
-        .where(DecisionRow.policy == policy, DecisionRow.position > position)
-        .order_by(DecisionRow.position)
-        .limit(limit)
-    ).scalars()
+    """The next ``limit`` decisions of a policy after a log position, each with its rewards
+    (optionally only those created in ``[since, until)``)."""
+    query = select(DecisionRow).where(DecisionRow.policy == policy, DecisionRow.position > position)
+    if since is not None:
+        query = query.where(DecisionRow.created_at >= since)
+    if until is not None:
+        query = query.where(DecisionRow.created_at < until)
+    rows = session.execute(query.order_by(DecisionRow.position).limit(limit)).scalars()
     decisions = [decision_as_dict(row) for row in rows]
     by_event = {d["event_id"]: d for d in decisions}
     for d in decisions:
@@ -105,7 +132,13 @@ def decisions_after(
         ).scalars()
         for r in rewards:
             by_event[r.event_id]["rewards"].append(
-                {"slot": r.slot, "value": r.value, "late": r.late, "received_at": r.received_at}
+                {
+                    "slot": r.slot,
+                    "value": r.value,
+                    "late": r.late,
+                    "kind": r.kind,
+                    "received_at": r.received_at,
+                }
             )
     return decisions
 

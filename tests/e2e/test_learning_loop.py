@@ -25,6 +25,7 @@ CONCURRENCY = 25
 TOPICS = ["sports", "news", "food", "travel"]
 CANDIDATES = [{"id": f"article-{t}", "features": {"topic": t}} for t in TOPICS]
 POLICY = """
+holdout_share = 0
 vw_args = "--cb_explore_adf --epsilon 0.1 -q ua"
 reward_min = 0
 reward_max = 1

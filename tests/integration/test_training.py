@@ -57,6 +57,9 @@ class RecordingLearner:
 
 
 def write_policy(folder: Path, name: str, body: str) -> PolicyConfig:
+    """Write a policy file; without a holdout unless the body sets one."""
+    if "holdout_share" not in body:
+        body = "holdout_share = 0\n" + body
     (folder / f"{name}.toml").write_text(body)
     return load_policies(folder)[name]
 
@@ -290,7 +293,8 @@ def test_logging_only_never_changes_the_model(settings: Settings, policies_dir: 
 
 
 def test_policy_changes_continue_or_warm_start(settings: Settings, policies_dir: Path) -> None:
-    body = 'reward_window_seconds = 1\nvw_args = "--cb_explore_adf --epsilon {eps} {q}"\n'
+    body = "holdout_share = 0\nreward_window_seconds = 1\n"
+    body += 'vw_args = "--cb_explore_adf --epsilon {eps} {q}"\n'
     v1 = parse_policy("evolve", json_toml(body.format(eps=0.1, q="-q ca")))
     write_policy(policies_dir, "evolve", body.format(eps=0.1, q="-q ca"))
     log_decisions(settings, "evolve", 12)

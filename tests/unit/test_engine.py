@@ -19,7 +19,9 @@ CANDIDATES = tuple(Candidate(id=f"c{i}", features={"topic": t}) for i, t in enum
 
 def trained_engine(epsilon: float = 0.3) -> tuple[DecisionEngine, VWLearner]:
     """An engine whose model prefers c2 (so distributions are far from uniform)."""
-    policy = PolicyConfig(name="p", vw_args=f"--cb_explore_adf --epsilon {epsilon} -q ca -q sa")
+    policy = PolicyConfig(
+        name="p", vw_args=f"--cb_explore_adf --epsilon {epsilon} -q ca -q sa", holdout_share=0
+    )
     learner = VWLearner(policy.vw_args)
     for _ in range(30):
         for slot in range(3):
