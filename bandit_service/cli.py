@@ -1,4 +1,4 @@
-"""``bandit-service``: serve | migrate | train | check-policies."""
+"""``bandit-service``: serve | migrate | train | report lift | check-policies."""
 
 from __future__ import annotations
 
@@ -77,6 +77,53 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_lift(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from bandit_service.reports.lift import (
+        collect_outcomes,
+        format_table,
+        lift_over_time,
+        lift_report,
+        plot_lift,
+    )
+    from bandit_service.store.database import make_engine
+    from bandit_service.timeutil import parse_instant
+
+    settings = Settings()
+    policies = load_policies(settings.policies_dir)
+    if args.policy not in policies:
+        raise PolicyError(f"unknown policy {args.policy!r} (known: {', '.join(policies)})")
+    policy = policies[args.policy]
+    try:
+        since = parse_instant(args.since) if args.since else None
+        until = (
+            parse_instant(args.until) if args.until else time.time() - policy.reward_window_seconds
+        )
+    except ValueError as exc:
+        print(f"bandit-service: {exc}", file=sys.stderr)
+        return 2
+
+    def progress(read: int) -> None:
+        print(f"\r  read {read} decisions", end="", file=sys.stderr, flush=True)
+
+    outcomes = collect_outcomes(make_engine(settings.database_url), policy, since, until, progress)
+    print(file=sys.stderr)
+    report = lift_report(outcomes, policy, replicates=args.replicates, seed=args.seed)
+    report["since"], report["until"] = since, until
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_table(report))
+    if args.plot:
+        print("  computing lift over time for the plot...", file=sys.stderr)
+        points = lift_over_time(outcomes, replicates=min(args.replicates, 500), seed=args.seed)
+        plot_lift(points, args.plot, f"{policy.name}: learned policy vs popularity holdout")
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
 def _check_policies(_args: argparse.Namespace) -> int:
     settings = Settings()
     for name, policy in load_policies(settings.policies_dir).items():
@@ -114,6 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--policy", action="append", help="only this policy (repeatable)")
     train.add_argument("--once", action="store_true", help="learn what is ready now, then exit")
     train.set_defaults(func=_train)
+
+    report = sub.add_parser("report", help="reports from the decision log")
+    report_sub = report.add_subparsers(dest="report", required=True)
+    lift = report_sub.add_parser("lift", help="lift of the learned policy over the holdout")
+    lift.add_argument("--policy", required=True)
+    lift.add_argument("--since", help="ISO 8601 or UNIX seconds (default: the beginning)")
+    lift.add_argument("--until", help="default: now minus the reward window")
+    lift.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    lift.add_argument("--plot", metavar="PNG", help="also write lift over time as a PNG")
+    lift.add_argument("--replicates", type=int, default=2000, help="bootstrap replicates")
+    lift.add_argument("--seed", type=int, default=0)
+    lift.set_defaults(func=_report_lift)
 
     check = sub.add_parser("check-policies", help="validate the policy files and print them")
     check.set_defaults(func=_check_policies)

@@ -28,6 +28,7 @@ from bandit_service.errors import InvalidRequest, NotFound
 from bandit_service.holdout import PopularityBoard
 from bandit_service.model_registry import ModelRegistry
 from bandit_service.policy import PolicyConfig
+from bandit_service.reports.lift import collect_outcomes, lift_report
 from bandit_service.rewards import PRIMARY
 from bandit_service.store import repository
 from bandit_service.store.database import check_ready, make_engine
@@ -318,6 +319,25 @@ class DecisionService:
                 ),
             }
         return status
+
+    async def lift(self, name: str, since: float | None, until: float | None) -> dict[str, Any]:
+        """The lift report of a policy. By default only decisions whose reward window has
+        closed count, so an arm is not judged on rewards that may still arrive."""
+        policy = self.policies.get(name)
+        if policy is None:
+            raise NotFound(f"unknown policy {name!r}", "name")
+        if until is None:
+            until = time.time() - policy.reward_window_seconds
+        if since is not None and since >= until:
+            raise InvalidRequest("since must be before until", "since")
+
+        def compute() -> dict[str, Any]:
+            outcomes = collect_outcomes(self.db, policy, since, until)
+            report = lift_report(outcomes, policy)
+            report["since"], report["until"] = since, until
+            return report
+
+        return await asyncio.to_thread(compute)
 
 
 def _resolve_slot(shown: list[str], slot: int | None, candidate_id: str | None) -> int:

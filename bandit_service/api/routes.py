@@ -18,8 +18,10 @@ from bandit_service.api.schemas import (
     RewardOut,
 )
 from bandit_service.domain import Candidate, DecisionRequest, Slot, slot_list
+from bandit_service.errors import InvalidRequest
 from bandit_service.rewards import aggregate
 from bandit_service.service import DecisionService, new_event_id
+from bandit_service.timeutil import parse_instant
 
 router = APIRouter()
 
@@ -182,6 +184,31 @@ async def get_policy(name: str, service: ServiceDep) -> Response:
     for key in ("created_at", "serving_loaded_at"):
         status["model"][key] = iso(status["model"][key])
     return json_response(status)
+
+
+@router.get(
+    "/v1/policies/{name}/lift",
+    responses=ERRORS,
+    summary="Lift of the learned policy over the popularity holdout",
+    description=(
+        "Per arm: decisions, users, mean reward per decision and per user, guardrails "
+        "(breadth, coverage, exposure Gini, secondary reward kinds). Lift with a user-level "
+        "bootstrap 95% interval and p-value, the tier label, and a sample-ratio check. "
+        "`since`/`until`: ISO 8601 or UNIX seconds; `until` defaults to now minus the "
+        "reward window (closed windows only)."
+    ),
+)
+async def get_lift(
+    name: str, service: ServiceDep, since: str | None = None, until: str | None = None
+) -> Response:
+    bounds: dict[str, float | None] = {}
+    for field, text in (("since", since), ("until", until)):
+        try:
+            bounds[field] = parse_instant(text) if text is not None else None
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), field) from None
+    report = await service.lift(name, bounds["since"], bounds["until"])
+    return json_response(report)
 
 
 @router.get("/healthz", summary="The process is alive")
