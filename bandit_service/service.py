@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from bandit_service.config import Settings
 from bandit_service.domain import Decision, DecisionRequest, SlotChoice, to_jsonable
 from bandit_service.engine import DecisionEngine
-from bandit_service.errors import InvalidRequest, NotFound
+from bandit_service.errors import InvalidRequest, NotFound, Unavailable
 from bandit_service.holdout import PopularityBoard
 from bandit_service.model_registry import ModelRegistry
 from bandit_service.policy import PolicyConfig
@@ -61,7 +61,11 @@ class DecisionService:
             self.db, self.policies, settings.trainer_commit_grace_seconds
         )
         self.engine = DecisionEngine(self.policies, self.models.get, self.popularity.get)
-        self.writer = BatchWriter(self.db, max_rows=settings.batch_max_rows)
+        self.writer = BatchWriter(
+            self.db,
+            max_rows=settings.batch_max_rows,
+            late_margin_seconds=settings.trainer_commit_grace_seconds / 2,
+        )
         self._user_secret: bytes | None = None
         self._in_flight: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._reload_task: asyncio.Task[None] | None = None
@@ -137,8 +141,7 @@ class DecisionService:
     def user_key(self, user_id: str) -> str:
         """A keyed hash of the user id: the raw id is never stored."""
         if self._user_secret is None:
-            self._load_user_secret()
-        assert self._user_secret is not None
+            raise Unavailable("the store is not ready (user-id hashing key not loaded)")
         return hmac.new(self._user_secret, user_id.encode("utf-8"), hashlib.sha256).hexdigest()
 
     # -- decisions -------------------------------------------------------------------------
@@ -171,6 +174,8 @@ class DecisionService:
             if stored is not None:
                 return stored
         decision = self.engine.decide(request)
+        if request.user_id is not None and self._user_secret is None:
+            await asyncio.to_thread(self._load_user_secret)  # the store was not ready at start
         user_key = self.user_key(request.user_id) if request.user_id is not None else None
         row = decision_row(decision, request, user_key, time.time())
         result = await self.writer.write_decision(row)
@@ -234,21 +239,32 @@ class DecisionService:
                 "value",
             )
         now = time.time()
-        window = policy.reward_window_seconds if policy is not None else float("inf")
         start = row["activated_at"] if row["deferred"] else row["created_at"]
-        late = start is not None and now > start + window
-        await self.writer.write_reward(
+        window_end = (
+            start + policy.reward_window_seconds
+            if start is not None and policy is not None
+            else None
+        )
+        late = await self.writer.write_reward(
             {
                 "event_id": event_id,
                 "slot": index,
                 "value": value,
                 "received_at": now,
-                "late": late,
+                "window_end": window_end,
                 "kind": kind,
+                "reward_id": str(uuid.uuid4()),
             }
         )
-        return {"event_id": event_id, "slot": index, "id": shown[index], "value": value,
-                "kind": kind, "late": late, "received_at": now}  # fmt: skip
+        return {
+            "event_id": event_id,
+            "slot": index,
+            "id": shown[index],
+            "value": value,
+            "kind": kind,
+            "late": late,
+            "received_at": now,
+        }
 
     async def activate(self, event_id: str) -> dict[str, Any]:
         row = await asyncio.to_thread(self._find, event_id)

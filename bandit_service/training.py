@@ -160,6 +160,19 @@ class PolicyTrainer:
             self.note = ""
 
     def _learn_batch(self, batch: list[dict[str, Any]], now: float) -> StepResult:
+        """Learn the ready prefix of ``batch`` and checkpoint it.
+
+        Whatever goes wrong between the first learn and the committed checkpoint, the
+        in-memory model is discarded, so the next step reloads the last checkpoint and
+        relearns from its position: never an event learned twice, never one skipped.
+        """
+        try:
+            return self._learn_and_checkpoint(batch, now)
+        except BaseException:
+            self.learner = None
+            raise
+
+    def _learn_and_checkpoint(self, batch: list[dict[str, Any]], now: float) -> StepResult:
         assert self.learner is not None
         learned = skipped = 0
         position = self.position
@@ -167,8 +180,10 @@ class PolicyTrainer:
             state = readiness(decision, self.policy, now, self.options.commit_grace_seconds)
             if state == "wait":
                 break
-            if state == "learn" and decision["arm"] == "bandit":
-                self._learn_decision(decision)
+            examples = self._examples(decision) if state == "learn" else None
+            if examples:
+                for example in examples:
+                    self.learner.learn_slot(*example)
                 learned += 1
             else:
                 skipped += 1
@@ -184,25 +199,40 @@ class PolicyTrainer:
         result.more = len(batch) == self.options.batch_events and position == batch[-1]["position"]
         return result
 
-    def _learn_decision(self, decision: Mapping[str, Any]) -> None:
-        assert self.learner is not None
-        features = {c["id"]: c.get("features", {}) for c in decision["candidates"]}
-        rewards = slot_rewards(decision, self.policy)
-        apprentice = self.policy.learning_mode == "apprentice"
-        for slot, reward in zip(decision["slots"], rewards, strict=True):
-            eligible = [Candidate(cid, features.get(cid, {})) for cid, _p in slot["pmf"]]
-            chosen = next(i for i, c in enumerate(eligible) if c.id == slot["id"])
-            # Apprentice mode imitates: with only the baseline ever shown there is nothing to
-            # compare its reward against, so the baseline is learned as the best action.
-            self.learner.learn_slot(
-                decision["context"],
-                slot["slot"],
-                slot.get("slot_features") or {},
-                eligible,
-                chosen,
-                slot["probability"],
-                self.policy.reward_max if apprentice else reward,
-            )
+    def _examples(self, decision: Mapping[str, Any]) -> list[tuple[Any, ...]] | None:
+        """One learning example per slot, or None when the event is not learned: holdout
+        events (the bandit learns from its own traffic only) and rows that cannot be
+        replayed (logged and skipped, so one bad row cannot stall the log)."""
+        if decision["arm"] != "bandit":
+            return None
+        try:
+            features = {c["id"]: c.get("features", {}) for c in decision["candidates"]}
+            rewards = slot_rewards(decision, self.policy)
+            apprentice = self.policy.learning_mode == "apprentice"
+            examples = []
+            for slot, reward in zip(decision["slots"], rewards, strict=True):
+                eligible = [Candidate(cid, features.get(cid, {})) for cid, _p in slot["pmf"]]
+                chosen = next(i for i, c in enumerate(eligible) if c.id == slot["id"])
+                # Apprentice mode imitates: with only the baseline ever shown there is nothing
+                # to compare its reward against, so the baseline is learned as the best action.
+                examples.append(
+                    (
+                        decision["context"],
+                        slot["slot"],
+                        slot.get("slot_features") or {},
+                        eligible,
+                        chosen,
+                        slot["probability"],
+                        self.policy.reward_max if apprentice else reward,
+                    )
+                )
+            return examples
+        except (KeyError, TypeError, ValueError, StopIteration) as exc:
+            log.error(
+                "policy %s: cannot replay event %s (%s: %s); skipped",
+                self.policy.name, decision.get("event_id"), type(exc).__name__, exc,
+            )  # fmt: skip
+            return None
 
     def _checkpoint(self, position: int, learned: int, skipped: int) -> None:
         assert self.learner is not None
@@ -278,6 +308,9 @@ class Trainer:
                     result = trainer.step()
             except LeaseLost as exc:
                 log.warning("%s", exc)
+                result = StepResult(name, active=False)
+            except Exception:  # one policy's failure must not stop the others
+                log.exception("policy %s: training step failed; will retry", name)
                 result = StepResult(name, active=False)
             results[name] = result
             if result.model_version not in (None, before) and self.on_checkpoint:

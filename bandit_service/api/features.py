@@ -22,10 +22,37 @@ def _bad(path: str, message: str) -> PydanticCustomError:
     )
 
 
+def text_problem(text: str) -> str | None:
+    """Why a string cannot be stored or sent to VW, or None: NUL characters (PostgreSQL
+    refuses them) and lone UTF-16 surrogates (not encodable as UTF-8)."""
+    if "\x00" in text:
+        return "must not contain NUL characters"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid Unicode (no lone surrogates)"
+    return None
+
+
+def check_text(text: str) -> str:
+    """Pydantic validator for identifiers and other free strings."""
+    if (problem := text_problem(text)) is not None:
+        raise PydanticCustomError("text_invalid", problem)
+    return text
+
+
+def _check_string(path: str, text: str) -> None:
+    if len(text) > MAX_STRING_LENGTH:
+        raise _bad(path, f"string longer than {MAX_STRING_LENGTH} characters")
+    if (problem := text_problem(text)) is not None:
+        raise _bad(path, problem)
+
+
 def _check_value(path: str, value: Any) -> None:
-    if isinstance(value, bool | str):
-        if isinstance(value, str) and len(value) > MAX_STRING_LENGTH:
-            raise _bad(path, f"string longer than {MAX_STRING_LENGTH} characters")
+    if isinstance(value, bool):
+        return
+    if isinstance(value, str):
+        _check_string(path, value)
         return
     if isinstance(value, int | float):
         if isinstance(value, float) and not math.isfinite(value):
@@ -39,8 +66,7 @@ def _check_value(path: str, value: Any) -> None:
         for i, item in enumerate(value):
             if not isinstance(item, str):
                 raise _bad(f"{path}[{i}]", "list features must hold strings only")
-            if len(item) > MAX_STRING_LENGTH:
-                raise _bad(f"{path}[{i}]", f"string longer than {MAX_STRING_LENGTH} characters")
+            _check_string(f"{path}[{i}]", item)
         return
     kind = "null" if value is None else type(value).__name__
     raise _bad(path, f"must be a string, number, boolean or list of strings, not {kind}")
@@ -51,6 +77,8 @@ def _check_name(path: str, name: str) -> None:
         raise _bad(path, "feature names must not be empty")
     if len(name) > MAX_NAME_LENGTH:
         raise _bad(path, f"feature name longer than {MAX_NAME_LENGTH} characters")
+    if (problem := text_problem(name)) is not None:
+        raise _bad(path, f"feature name {problem}")
 
 
 def check_features(features: dict[str, Any]) -> dict[str, Any]:

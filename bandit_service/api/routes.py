@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Annotated, Any
 
 import orjson
@@ -10,6 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from bandit_service.api.schemas import (
+    EVENT_ID_PATTERN,
     ActivationOut,
     DecisionIn,
     DecisionOut,
@@ -18,7 +20,7 @@ from bandit_service.api.schemas import (
     RewardOut,
 )
 from bandit_service.domain import Candidate, DecisionRequest, Slot, slot_list
-from bandit_service.errors import InvalidRequest
+from bandit_service.errors import InvalidRequest, NotFound
 from bandit_service.rewards import aggregate
 from bandit_service.service import DecisionService, new_event_id
 from bandit_service.timeutil import parse_instant
@@ -39,6 +41,14 @@ async def get_service(request: Request) -> DecisionService:
 
 
 ServiceDep = Annotated[DecisionService, Depends(get_service)]
+_EVENT_ID = re.compile(EVENT_ID_PATTERN)
+
+
+def known_event_id(event_id: str) -> str:
+    """Event ids in paths: one that could never have been logged is simply not found."""
+    if not _EVENT_ID.match(event_id):
+        raise NotFound(f"no decision with event id {event_id!r}", "event_id")
+    return event_id
 
 
 def json_response(payload: Any, status: int = 200) -> Response:
@@ -123,6 +133,7 @@ async def decide(
     ),
 )
 async def reward(event_id: str, body: RewardIn, service: ServiceDep) -> Response:
+    event_id = known_event_id(event_id)
     result = await service.reward(event_id, body.value, body.slot, body.id, body.kind)
     result["received_at"] = iso(result["received_at"])
     return json_response(result, 201)
@@ -135,6 +146,7 @@ async def reward(event_id: str, body: RewardIn, service: ServiceDep) -> Response
     summary="Activate a deferred decision (it was really shown)",
 )
 async def activate(event_id: str, service: ServiceDep) -> Response:
+    event_id = known_event_id(event_id)
     result = await service.activate(event_id)
     result["activated_at"] = iso(result["activated_at"])
     return json_response(result)
@@ -146,6 +158,7 @@ async def activate(event_id: str, service: ServiceDep) -> Response:
     summary="Read a logged decision back, with its rewards",
 )
 async def get_decision(event_id: str, service: ServiceDep) -> Response:
+    event_id = known_event_id(event_id)
     row = await service.get_decision(event_id)
     policy = service.policies.get(row["policy"])
     how = policy.reward_aggregation if policy else "sum"

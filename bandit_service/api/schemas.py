@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 
-from bandit_service.api.features import check_features
+from bandit_service.api.features import check_features, check_text
 
 FeatureMap = Annotated[
     dict[str, Any],
@@ -18,8 +18,9 @@ FeatureMap = Annotated[
         )
     ),
 ]
-Identifier = Annotated[StrictStr, Field(min_length=1, max_length=256)]
-EventId = Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")]
+Identifier = Annotated[StrictStr, Field(min_length=1, max_length=256), AfterValidator(check_text)]
+EVENT_ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
+EventId = Annotated[StrictStr, Field(pattern=EVENT_ID_PATTERN)]
 FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-1e15, le=1e15)]
 
 
@@ -59,12 +60,16 @@ class DecisionIn(Strict):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [DECISION_EXAMPLE]})
 
     policy: Identifier = "default"
-    user_id: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = None
+    user_id: Identifier | None = None
     context: FeatureMap = Field(default_factory=dict)
     candidates: list[CandidateIn] = Field(
         description="What may be shown; at least one, ids unique."
     )
-    slots: Annotated[int, Field(ge=1, strict=True)] | list[SlotIn] | None = Field(
+    slots: (
+        Annotated[int, Field(ge=1, le=10_000, strict=True)]
+        | Annotated[list[SlotIn], Field(max_length=10_000)]
+        | None
+    ) = Field(
         default=None, description="Number of ranked slots, or slot objects; default: the policy's"
     )
     excluded: list[Identifier] = Field(default_factory=list, max_length=10_000)

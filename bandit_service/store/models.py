@@ -75,8 +75,13 @@ class RewardRow(Base):
     received_at: Mapped[float] = mapped_column(Float, nullable=False)
     late: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     kind: Mapped[str] = mapped_column(String(32), nullable=False, server_default="primary")
+    # Idempotency key of the write (a UUID made when the reward was received).
+    reward_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
 
-    __table_args__ = (Index("ix_rewards_event", "event_id", "id"),)
+    __table_args__ = (
+        Index("ix_rewards_event", "event_id", "id"),
+        UniqueConstraint("reward_id", name="uq_rewards_reward_id"),
+    )
 
 
 class MetaRow(Base):

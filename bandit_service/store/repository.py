@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Update, delete, func, insert, select, update
+from sqlalchemy import CursorResult, Update, delete, func, insert, select, text, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -46,8 +48,28 @@ def insert_decisions(session: Session, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def insert_rewards(session: Session, rows: Sequence[dict[str, Any]]) -> None:
-    if rows:
-        session.execute(insert(RewardRow), list(rows))
+    """Insert rewards; one whose ``reward_id`` is already stored is skipped, so replaying a
+    batch whose commit outcome was unknown cannot count a reward twice."""
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    statement = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(RewardRow)
+    session.execute(statement.on_conflict_do_nothing(index_elements=["reward_id"]), list(rows))
+
+
+def serialize_log_appends(session: Session) -> None:
+    """Make decision positions commit in order across processes (PostgreSQL).
+
+    Positions come from a sequence at insert time; two processes' transactions could commit
+    out of order and a trainer that has already moved past the later position would never
+    see the earlier one. Holding one transaction-scoped advisory lock while appending makes
+    commit order equal position order. SQLite already allows one writer at a time.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOG_APPEND_LOCK})
+
+
+_LOG_APPEND_LOCK = 0x62616E646974  # "bandit"
 
 
 def rewards_for(session: Session, event_id: str) -> list[dict[str, Any]]:
@@ -76,13 +98,19 @@ def activate(session: Session, event_id: str, at: float) -> None:
 
 
 def get_or_create_meta(session: Session, key: str, factory: Callable[[], str]) -> str:
-    """Read a service-wide value, creating it on first use (race-safe via the primary key)."""
+    """Read a service-wide value, creating it on first use. Race-safe: concurrent first
+    uses insert-or-ignore on the primary key, and all of them read back the one winner."""
     row = session.get(MetaRow, key)
     if row is not None:
         return row.value
-    session.add(MetaRow(key=key, value=factory()))
-    session.flush()
-    return session.get(MetaRow, key).value  # type: ignore[union-attr]
+    dialect = session.get_bind().dialect.name
+    statement = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(MetaRow)
+    session.execute(
+        statement.values(key=key, value=factory()).on_conflict_do_nothing(index_elements=["key"])
+    )
+    value = session.scalar(select(MetaRow.value).where(MetaRow.key == key))
+    assert value is not None
+    return value
 
 
 # -- reading the log in chunks --------------------------------------------------------------

@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -46,9 +47,10 @@ class DecisionWriteResult:
 
 
 class BatchWriter:
-    def __init__(self, engine: Engine, max_rows: int = 512) -> None:
+    def __init__(self, engine: Engine, max_rows: int = 512, late_margin_seconds: float = 1.0):
         self._engine = engine
         self._max_rows = max_rows
+        self._late_margin = late_margin_seconds
         self._queue: asyncio.Queue[_Write] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -74,8 +76,17 @@ class BatchWriter:
         result: DecisionWriteResult = await self._submit("decision", row)
         return result
 
-    async def write_reward(self, row: dict[str, Any]) -> None:
-        await self._submit("reward", row)
+    async def write_reward(self, row: dict[str, Any]) -> bool:
+        """Store a reward; returns whether it was stored as late.
+
+        ``row["window_end"]`` (or None) is when the decision's reward window closes. The
+        reward is late if it was received after that, or if its commit happens so near the
+        trainer's read (``window_end`` plus the commit grace) that the trainer may already
+        have learned the event without it: the flag is set at commit time, so an answer
+        ``late: false`` always means the reward will be learned.
+        """
+        late: bool = await self._submit("reward", row)
+        return late
 
     async def activate(self, event_id: str, at: float) -> None:
         await self._submit("activate", {"event_id": event_id, "at": at})
@@ -107,32 +118,44 @@ class BatchWriter:
                 self._queue.task_done()
 
     def _commit(self, batch: list[_Write]) -> list[Any]:
+        """Commit a batch; if it fails, each write gets its own transaction (and one retry),
+        so one bad or conflicting write cannot fail its neighbours. A write that still fails
+        is answered 503 (retry), never a 500 and never a 2xx."""
         try:
-            with Session(self._engine) as session, session.begin():
-                outcomes = _apply(session, batch)
-            self.batches_committed += 1
-            self.rows_committed += len(batch)
-            return outcomes
+            return self._commit_once(batch)
         except Exception:
-            if len(batch) == 1:
-                log.exception("write failed")
-                raise
-            log.warning("batch of %d failed; retrying each write alone", len(batch))
-        results: list[Any] = []
-        for write in batch:
+            log.warning("batch of %d failed; retrying each write alone", len(batch), exc_info=True)
+        return [self._commit_alone(write) for write in batch]
+
+    def _commit_once(self, batch: list[_Write]) -> list[Any]:
+        with Session(self._engine) as session, session.begin():
+            if any(w.kind == "decision" for w in batch):
+                repository.serialize_log_appends(session)
+            outcomes = _apply(session, batch, self._late_margin)
+        self.batches_committed += 1
+        self.rows_committed += len(batch)
+        return outcomes
+
+    def _commit_alone(self, write: _Write) -> Any:
+        # A second attempt resolves the common conflict: another process stored the same
+        # event id first, and the retry finds and returns that stored decision.
+        for attempt in (1, 2):
             try:
-                results.extend(self._commit([write]))
+                return self._commit_once([write])[0]
             except Exception as exc:
-                results.append(Unavailable(f"could not store the {write.kind}: {exc}"))
-        return results
+                error = exc
+                log.warning("%s write failed (attempt %d): %s", write.kind, attempt, exc)
+        log.error("could not store a %s: %s", write.kind, error)
+        return Unavailable(f"could not store the {write.kind} right now; retry the request")
 
 
-def _apply(session: Session, batch: list[_Write]) -> list[Any]:
+def _apply(session: Session, batch: list[_Write], late_margin: float) -> list[Any]:
     """Write one batch inside the caller's transaction; return one outcome per write."""
     decision_ids = [w.payload["event_id"] for w in batch if w.kind == "decision"]
     stored = repository.find_decisions(session, decision_ids)
     new_decisions: list[dict[str, Any]] = []
     rewards: list[dict[str, Any]] = []
+    now = time.time()
     outcomes: list[Any] = []
     for write in batch:
         if write.kind == "decision":
@@ -144,8 +167,13 @@ def _apply(session: Session, batch: list[_Write]) -> list[Any]:
                 new_decisions.append(write.payload)
                 outcomes.append(DecisionWriteResult(True, write.payload))
         elif write.kind == "reward":
-            rewards.append(write.payload)
-            outcomes.append(None)
+            row = dict(write.payload)
+            window_end = row.pop("window_end")
+            row["late"] = window_end is not None and (
+                row["received_at"] > window_end or now > window_end + late_margin
+            )
+            rewards.append(row)
+            outcomes.append(row["late"])
         else:
             outcomes.append(None)
     # Decisions first: rewards and activations in the same batch may refer to them.

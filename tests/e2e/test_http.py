@@ -366,7 +366,10 @@ def test_bad_rewards(client: TestClient, event: str, body: Any, status: int, fie
 
 
 def test_unknown_routes_and_decisions_are_json_404(client: TestClient) -> None:
-    for path in ("/v1/decisions/unknown", "/nope"):
+    for path in ("/v1/decisions/unknown", "/nope", "/v1/decisions/ab%00c", "/v1/decisions/%F0"):
         response = client.get(path)
         assert response.status_code == 404
         assert response.json()["error"]["code"] == "not_found"
+    for path in ("/v1/decisions/%00/rewards", "/v1/decisions/a%20b/activate"):
+        response = client.post(path, json={"value": 1})
+        assert response.status_code == 404, response.text

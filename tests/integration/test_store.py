@@ -108,3 +108,65 @@ def test_aggregation(how: str) -> None:
     expected = {"sum": 3.0, "first": 1.0, "last": 2.0}[how]
     assert aggregate([1.0, 0.0, 2.0], how) == expected
     assert aggregate([], how) is None
+
+
+def test_two_processes_racing_on_one_event_id_both_get_the_stored_decision(
+    settings: Settings,
+) -> None:
+    """A client retrying on another worker: both try to insert the same event id at once.
+    Neither may fail; both must answer with the one stored decision."""
+
+    async def race() -> None:
+        policies = load_policies(settings.policies_dir)
+        first = DecisionService(settings.model_copy(update={"trainer": "off"}), policies)
+        second = DecisionService(settings.model_copy(update={"trainer": "off"}), policies)
+        await first.start()
+        await second.start()
+        for i in range(20):
+            a, b = await asyncio.gather(
+                first.decide(_request(f"race-{i}", user="u")),
+                second.decide(_request(f"race-{i}", user="u")),
+            )
+            assert a["slots"] == b["slots"] and a["created_at"] == b["created_at"]
+        await first.close()
+        await second.close()
+
+    asyncio.run(race())
+    engine = make_engine(settings.database_url)
+    with Session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(DecisionRow)) == 20
+    engine.dispose()
+
+
+def test_a_replayed_reward_write_is_stored_once(settings: Settings) -> None:
+    from bandit_service.store import repository
+
+    asyncio.run(_run_burst(settings, 2))
+    engine = make_engine(settings.database_url)
+    row = {"event_id": "burst-0", "slot": 0, "value": 1.0, "received_at": 1.0, "late": False,
+           "kind": "primary", "reward_id": "0f8fad5b-d9cb-469f-a165-70867728950e"}  # fmt: skip
+    for _ in range(2):  # e.g. a batch retried after a commit whose outcome was unknown
+        with Session(engine) as session, session.begin():
+            repository.insert_rewards(session, [row])
+    with Session(engine) as session:
+        stored = session.scalars(select(RewardRow).where(RewardRow.reward_id == row["reward_id"]))
+        assert len(list(stored)) == 1
+    engine.dispose()
+
+
+def test_the_user_hash_key_is_created_once_under_concurrency(settings: Settings) -> None:
+    import concurrent.futures
+    import secrets
+
+    from bandit_service.store import repository
+
+    engine = make_engine(settings.database_url)
+
+    def create() -> str:
+        with Session(engine) as session, session.begin():
+            return repository.get_or_create_meta(session, "k", lambda: secrets.token_hex(8))
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        values = list(pool.map(lambda _i: create(), range(16)))
+    assert len(set(values)) == 1
+    engine.dispose()

@@ -17,7 +17,7 @@ from bandit_service.domain import Candidate, DecisionRequest, Slot, slot_list
 from bandit_service.policy import PolicyConfig, load_policies, parse_policy
 from bandit_service.service import DecisionService
 from bandit_service.store.database import make_engine
-from bandit_service.training import PolicyTrainer, Trainer, TrainerOptions
+from bandit_service.training import LeaseLost, PolicyTrainer, Trainer, TrainerOptions
 
 T = TypeVar("T")
 CANDIDATES = tuple(Candidate(f"c{i}", {"k": f"v{i}"}) for i in range(4))
@@ -230,6 +230,27 @@ def test_only_one_trainer_per_policy_learns(settings: Settings, policies_dir: Pa
     assert later.learned_events == 20 and later.position == first.position
 
 
+def apprentice_decisions(settings: Settings, prefix: str, count: int) -> list[dict[str, Any]]:
+    """Apprentice decisions whose baseline is c2: not the first candidate, so an untrained
+    model (whose top choice is the first candidate) does not match it by accident."""
+
+    async def decide_all(service: DecisionService) -> list[dict[str, Any]]:
+        return [
+            await service.decide(
+                DecisionRequest(
+                    event_id=f"{prefix}-{i}",
+                    policy="app",
+                    candidates=CANDIDATES,
+                    slots=(Slot("0", baseline="c2"),),
+                    context={"n": i},
+                )
+            )
+            for i in range(count)
+        ]
+
+    return with_service(settings, decide_all)
+
+
 def test_apprentice_serves_baseline_and_reports_match_rate(
     settings: Settings, policies_dir: Path
 ) -> None:
@@ -239,39 +260,86 @@ def test_apprentice_serves_baseline_and_reports_match_rate(
         'vw_args = "--cb_explore_adf --epsilon 0.1"\n',
     )  # fmt: skip
     policies = load_policies(policies_dir)
-    rows = log_decisions(settings, "app", 40)
-    for row in rows:  # the baseline (first eligible candidate), with probability 1
-        assert row["slots"][0]["id"] == "c0"
-        assert row["slots"][0]["probability"] == 1 and row["slots"][0]["explored"] is False
-    explicit = with_service(
-        settings,
-        lambda service: service.decide(
-            DecisionRequest(
-                event_id="explicit-baseline",
-                policy="app",
-                candidates=CANDIDATES,
-                slots=(Slot("0", baseline="c2"),),
-                context={"n": 99},
-            )
-        ),
-    )
-    assert explicit["slots"][0]["id"] == "c2"
+    rows = apprentice_decisions(settings, "before", 40)
+    for row in rows:  # always the baseline, with probability 1, never explored
+        slot = row["slots"][0]
+        assert (slot["id"], slot["probability"], slot["explored"]) == ("c2", 1.0, False)
+    assert sum(r["slots"][0]["model_id"] == "c2" for r in rows) == 0  # untrained: no match
     before = with_service(settings, lambda service: service.policy_status("app"))
-    assert before["apprentice"]["slots_compared"] == 41
+    assert before["apprentice"]["slots_compared"] == 40
+    assert before["apprentice"]["match_rate"] == 0
 
     engine = make_engine(settings.database_url)
     results = Trainer(
         engine, policies, TrainerOptions(commit_grace_seconds=0), clock=lambda: time.time() + 5
     ).run_once()
     engine.dispose()
-    assert results["app"].learned == 41
+    assert results["app"].learned == 40
 
-    after_rows = log_decisions(settings, "app", 20, prefix="after")
-    assert all(r["slots"][0]["id"] == "c0" for r in after_rows)  # still serves the baseline
-    assert all(r["slots"][0]["model_id"] == "c0" for r in after_rows)  # and now imitates it
+    after_rows = apprentice_decisions(settings, "after", 20)
+    assert all(r["slots"][0]["id"] == "c2" for r in after_rows)  # still serves the baseline
+    assert all(r["slots"][0]["model_id"] == "c2" for r in after_rows)  # and now imitates it
     after = with_service(settings, lambda service: service.policy_status("app"))
-    assert after["apprentice"]["slots_compared"] == 61
-    assert after["apprentice"]["match_rate"] > before["apprentice"]["match_rate"]
+    assert after["apprentice"]["slots_compared"] == 60
+    assert after["apprentice"]["match_rate"] == pytest.approx(20 / 60)
+
+
+def test_a_failure_before_checkpoint_relearns_each_event_exactly_once(
+    settings: Settings, policies_dir: Path
+) -> None:
+    """An ordinary exception (database hiccup) between learning and checkpoint: the trainer
+    goes on running, and the events of the failed step are learned once, not twice."""
+    policy = write_policy(policies_dir, "hiccup", "reward_window_seconds = 1\n")
+    log_decisions(settings, "hiccup", 12)
+    t = trainer(settings, policy, time.time() + 10, batch_events=5)
+    failures = iter([RuntimeError("connection reset")])
+
+    def flaky() -> None:
+        if (error := next(failures, None)) is not None:
+            raise error
+
+    t.before_checkpoint = flaky
+    with pytest.raises(RuntimeError):
+        t.step()
+    while t.step().more:
+        pass
+    assert [x["n"] for x in t.learner.learned] == list(range(12))  # type: ignore[union-attr]
+    assert t.learned_events == 12
+
+
+def test_a_trainer_that_outlives_its_lease_cannot_checkpoint(
+    settings: Settings, policies_dir: Path
+) -> None:
+    """Trainer A stalls after learning, past its lease; B takes over and checkpoints. A's
+    checkpoint is then refused (fencing), so nothing is learned twice."""
+    policy = write_policy(policies_dir, "fence", "reward_window_seconds = 1\n")
+    log_decisions(settings, "fence", 10)
+    now = time.time() + 10
+    a = trainer(settings, policy, now, owner="a", lease_seconds=5)
+    b = trainer(settings, policy, now + 60, owner="b", lease_seconds=5)
+    a.before_checkpoint = lambda: b.step()  # while A stalls, its lease expires and B works
+    with pytest.raises(LeaseLost):
+        a.step()
+    assert b.learned_events == 10
+    assert a.step().active is False  # B holds the lease now
+    resumed = trainer(settings, policy, now + 60, owner="b")
+    resumed.step()
+    assert [x["n"] for x in resumed.learner.learned] == list(range(10))  # type: ignore[union-attr]
+
+
+def test_an_unreplayable_row_is_skipped_not_stalling(
+    settings: Settings, policies_dir: Path
+) -> None:
+    policy = write_policy(policies_dir, "bad", "reward_window_seconds = 1\n")
+    rows = log_decisions(settings, "bad", 5)
+    sql(settings, "UPDATE decisions SET candidates = '[]' WHERE event_id = :e",
+        e=rows[2]["event_id"])  # fmt: skip
+    sql(settings, "UPDATE decisions SET slots = '[{\"slot\": 0}]' WHERE event_id = :e",
+        e=rows[3]["event_id"])  # fmt: skip
+    t = trainer(settings, policy, time.time() + 10)
+    result = t.step()
+    assert (result.learned, result.skipped) == (4, 1)
+    assert [x["n"] for x in t.learner.learned] == [0, 1, 2, 4]  # type: ignore[union-attr]
 
 
 def test_logging_only_never_changes_the_model(settings: Settings, policies_dir: Path) -> None:
@@ -280,7 +348,7 @@ def test_logging_only_never_changes_the_model(settings: Settings, policies_dir: 
     )
     policies = load_policies(policies_dir)
     rows = log_decisions(settings, "quiet", 10)
-    assert all(r["slots"][0]["id"] == "c0" for r in rows)
+    assert all(r["slots"][0]["id"] == "c0" for r in rows)  # the default baseline: the first
     for r in rows:
         reward(settings, r["event_id"], 1.0)
     engine = make_engine(settings.database_url)
