@@ -150,10 +150,10 @@ def estimate_lift(
     if len(yb) < 2 or len(yh) < 2 or yh.sum() <= 0:
         return LiftEstimate(None, None, None, None)
     mb, mh = yb.sum() / nb.sum(), yh.sum() / nh.sum()
-    lift = mb / mh - 1
+    lift = float(mb / mh - 1)
     var = ratio_variance(yb, nb) / mh**2 + mb**2 * ratio_variance(yh, nh) / mh**4
     se = math.sqrt(var)
-    normal = (lift - 1.959964 * se, lift + 1.959964 * se)
+    normal = (float(lift - 1.959964 * se), float(lift + 1.959964 * se))
     p_value = normal_two_sided_p(lift / se) if se > 0 else (0.0 if lift else 1.0)
 
     rng = np.random.default_rng(seed)
@@ -275,6 +275,10 @@ def lift_report(
         "normal_interval_95": list(estimate.normal_interval) if estimate.normal_interval else None,
         "p_value": estimate.p_value,
         "tier": tier(estimate.lift, enough),
+        # The tier reads the point estimate; this says whether the interval excludes zero.
+        "significant": bool(
+            estimate.interval and (estimate.interval[0] > 0 or estimate.interval[1] < 0)
+        ),
         "minimum_users_per_arm": min_units,
         "interval_method": "user-level Poisson bootstrap, percentile",
         "sample_ratio": sample_ratio_check(units_h, units_b + units_h, policy.holdout_share),
@@ -346,7 +350,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"lift: {pct(report['lift'])}"
         + (f"  95% interval [{pct(interval[0])}, {pct(interval[1])}]" if interval else "")
         + (f"  p = {report['p_value']:.3g}" if report["p_value"] is not None else ""),
-        f"tier: {report['tier']}  (needs >= {report['minimum_users_per_arm']} users per arm)",
+        f"tier: {report['tier']} (from the point estimate; needs >= "
+        f"{report['minimum_users_per_arm']} users per arm); interval "
+        + ("excludes 0" if report["significant"] else "includes 0: not significant"),
     ]
     srm = report["sample_ratio"]
     if srm["p_value"] is not None:
