@@ -45,6 +45,7 @@ class DecisionRequest:
     excluded: frozenset[str] = frozenset()
     user_id: str | None = None
     defer: bool = False
+    pins: tuple[tuple[str, int], ...] = ()  # (candidate id, slot index), on top of the policy's
 
 
 @dataclass(frozen=True)

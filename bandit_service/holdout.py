@@ -51,6 +51,7 @@ class PopularityScores:
     scores: Mapping[str, float] = field(default_factory=dict)
     computed_at: float = 0.0
     impressions: float = 0.0
+    shown: Mapping[str, float] = field(default_factory=dict)  # decayed impressions per id
 
     def score(self, candidate_id: str) -> float:
         return self.scores.get(candidate_id, self.prior)
@@ -80,7 +81,9 @@ def compute_popularity(
             total += w
     strength = policy.popularity_prior_strength
     scores = {cid: (a + reward_sum[cid]) / (strength + n) for cid, n in weight_sum.items()}
-    return PopularityScores(prior=mean, scores=scores, computed_at=now, impressions=total)
+    return PopularityScores(
+        prior=mean, scores=scores, computed_at=now, impressions=total, shown=weight_sum
+    )
 
 
 def ranking(ids: Sequence[str], popularity: PopularityScores) -> list[int]:
@@ -111,9 +114,8 @@ class PopularityBoard:
 
     def due(self, name: str, now: float) -> bool:
         policy = self._policies[name]
-        return policy.holdout_share > 0 and (
-            now - self._scores[name].computed_at >= policy.popularity_refresh_seconds
-        )
+        needed = policy.holdout_share > 0 or policy.rules.exploration_distribution == "least_shown"
+        return needed and now - self._scores[name].computed_at >= policy.popularity_refresh_seconds
 
     def refresh(self, name: str, now: float) -> PopularityScores:
         from bandit_service.store.repository import iter_decisions

@@ -11,9 +11,11 @@ import json
 import re
 import shlex
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
+
+from bandit_service.rules import RulesError, RuleSet, parse_rules
 
 RewardAggregation = Literal["sum", "first", "last"]
 _AGGREGATIONS = ("sum", "first", "last")
@@ -67,6 +69,7 @@ class PolicyConfig:
     popularity_prior_strength: float = 10.0
     popularity_refresh_seconds: float = 60.0
     category_feature: str = ""  # candidate feature used for the breadth guardrail
+    rules: RuleSet = field(default_factory=RuleSet)  # see bandit_service/rules.py
     description: str = ""
 
     @property
@@ -130,6 +133,12 @@ def parse_policy(name: str, raw: dict[str, Any], where: str = "<policy>") -> Pol
         )
     values: dict[str, Any] = {}
     for key, value in raw.items():
+        if key == "rules":
+            try:
+                values["rules"] = parse_rules(value)
+            except RulesError as exc:
+                raise _fail(where, f"[rules] {exc}") from None
+            continue
         if key in _STRING_KEYS:
             if not isinstance(value, str):
                 raise _fail(where, f"{key} must be a string")
