@@ -110,7 +110,13 @@ def _report_lift(args: argparse.Namespace) -> int:
 
     outcomes = collect_outcomes(make_engine(settings.database_url), policy, since, until, progress)
     print(file=sys.stderr)
-    report = lift_report(outcomes, policy, replicates=args.replicates, seed=args.seed)
+    report = lift_report(
+        outcomes,
+        policy,
+        replicates=args.replicates,
+        seed=args.seed,
+        period_seconds=args.period_seconds,
+    )
     report["since"], report["until"] = since, until
     if args.json:
         print(json.dumps(report, indent=2))
@@ -129,6 +135,13 @@ def _check_policies(_args: argparse.Namespace) -> int:
     for name, policy in load_policies(settings.policies_dir).items():
         print(f"{name}: version {policy.version}: {policy.vw_args}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _safe_url(url: str) -> str:
@@ -170,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     lift.add_argument("--until", help="default: now minus the reward window")
     lift.add_argument("--json", action="store_true", help="print JSON instead of a table")
     lift.add_argument("--plot", metavar="PNG", help="also write lift over time as a PNG")
-    lift.add_argument("--replicates", type=int, default=2000, help="bootstrap replicates")
+    lift.add_argument("--replicates", type=_positive_int, default=2000, help="bootstrap replicates")
+    lift.add_argument(
+        "--period-seconds", type=float, default=86400.0, help="breadth period (default a day)"
+    )
     lift.add_argument("--seed", type=int, default=0)
     lift.set_defaults(func=_report_lift)
 

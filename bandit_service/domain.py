@@ -54,8 +54,9 @@ class SlotChoice:
 
     ``pmf`` is the distribution the draw used, over the candidates still eligible for this
     slot (request order); ``probability`` is ``pmf``'s entry for ``id``. ``explored`` is true
-    when the drawn candidate is not the policy's greedy choice (the highest-probability
-    candidate of ``pmf``, ties broken by request order).
+    when the slot drew from an exploration distribution (a reserved exploration slot), or
+    when the drawn candidate is not among the policy's greedy choices (those tied for the
+    highest probability). Pinned, holdout and baseline slots are never explored.
     """
 
     slot: int

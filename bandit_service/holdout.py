@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bandit_service.policy import PolicyConfig
-from bandit_service.rewards import slot_rewards
+from bandit_service.rewards import readiness, slot_rewards
 
 
 def assignment_value(salt: str, key: str) -> float:
@@ -62,9 +62,16 @@ def prior_mean(policy: PolicyConfig) -> float:
 
 
 def compute_popularity(
-    decisions: Iterable[Mapping[str, Any]], policy: PolicyConfig, now: float
+    decisions: Iterable[Mapping[str, Any]],
+    policy: PolicyConfig,
+    now: float,
+    grace: float = 0.0,
 ) -> PopularityScores:
-    """Popularity from logged decisions (each with its ``rewards``), all arms together."""
+    """Popularity from logged decisions (each with its ``rewards``), all arms together.
+
+    Only decisions really shown (deferred ones activated in time) whose reward window has
+    closed count; a slot's reward is clipped to the policy's bounds before rescaling (a
+    ``sum`` of several rewards may exceed them)."""
     span = policy.reward_max - policy.reward_min
     mean = prior_mean(policy)
     a = policy.popularity_prior_strength * mean
@@ -72,12 +79,15 @@ def compute_popularity(
     reward_sum: dict[str, float] = {}
     total = 0.0
     for decision in decisions:
+        if readiness(decision, policy, now, grace) != "learn":
+            continue
         age = max(0.0, now - decision["created_at"])
         w = 2.0 ** (-age / policy.popularity_half_life_seconds)
         for slot, reward in zip(decision["slots"], slot_rewards(decision, policy), strict=True):
             cid = slot["id"]
             weight_sum[cid] = weight_sum.get(cid, 0.0) + w
-            reward_sum[cid] = reward_sum.get(cid, 0.0) + w * (reward - policy.reward_min) / span
+            scaled = min(1.0, max(0.0, (reward - policy.reward_min) / span))
+            reward_sum[cid] = reward_sum.get(cid, 0.0) + w * scaled
             total += w
     strength = policy.popularity_prior_strength
     scores = {cid: (a + reward_sum[cid]) / (strength + n) for cid, n in weight_sum.items()}
@@ -122,9 +132,9 @@ class PopularityBoard:
 
         policy = self._policies[name]
         since = now - 6 * policy.popularity_half_life_seconds
-        until = now - policy.reward_window_seconds - self._grace
+        until = now - policy.reward_window_seconds - self._grace  # deferred: checked per row
         decisions = (d for batch in iter_decisions(self._db, name, since, until) for d in batch)
-        scores = compute_popularity(decisions, policy, now)
+        scores = compute_popularity(decisions, policy, now, self._grace)
         self._scores[name] = scores
         return scores
 

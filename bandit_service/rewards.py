@@ -33,3 +33,25 @@ def slot_rewards(decision: Mapping[str, Any], policy: PolicyConfig) -> list[floa
         value = aggregate(values, policy.reward_aggregation)
         rewards.append(policy.default_reward if value is None else value)
     return rewards
+
+
+def counts_as_shown(decision: Mapping[str, Any], policy: PolicyConfig) -> bool:
+    """Was the decision really shown? Deferred decisions count only when activated within
+    their reward window from creation; the trainer, popularity and reports all use this."""
+    if not decision["deferred"]:
+        return True
+    activated = decision["activated_at"]
+    return (
+        activated is not None and activated <= decision["created_at"] + policy.reward_window_seconds
+    )
+
+
+def readiness(decision: Mapping[str, Any], policy: PolicyConfig, now: float, grace: float) -> str:
+    """``"learn"``, ``"skip"`` (deferred, never activated in time) or ``"wait"``."""
+    window = policy.reward_window_seconds
+    created = decision["created_at"]
+    if not counts_as_shown(decision, policy):
+        # Not activated (yet): it may still be, until its window from creation closes.
+        return "skip" if now >= created + window + grace else "wait"
+    start = decision["activated_at"] if decision["deferred"] else created
+    return "learn" if now >= start + window + grace else "wait"

@@ -69,6 +69,7 @@ class DecisionService:
         self._user_secret: bytes | None = None
         self._in_flight: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._reload_task: asyncio.Task[None] | None = None
+        self._popularity_task: asyncio.Task[None] | None = None
         self._trainer_stop = threading.Event()
         self._trainer_thread: threading.Thread | None = None
 
@@ -79,10 +80,11 @@ class DecisionService:
         if ok:
             await asyncio.to_thread(self._load_user_secret)
             await asyncio.to_thread(self.models.refresh)
-            await asyncio.to_thread(self.popularity.refresh_due, time.time())
         else:
             log.warning("store not ready at start: %s", reason)
-        self._reload_task = asyncio.get_running_loop().create_task(self._reload_loop())
+        loop = asyncio.get_running_loop()
+        self._reload_task = loop.create_task(self._reload_loop())
+        self._popularity_task = loop.create_task(self._popularity_loop())
         if self.settings.trainer == "inline":
             self._start_trainer()
 
@@ -108,16 +110,23 @@ class DecisionService:
                 await asyncio.to_thread(self.models.refresh)
             except Exception:
                 log.exception("model reload failed; serving the current models")
+
+    async def _popularity_loop(self) -> None:
+        """Popularity scans the log; it runs on its own so it never delays a model reload.
+        Until the first scan ends, every candidate has the prior (request order)."""
+        while True:
             try:
                 await asyncio.to_thread(self.popularity.refresh_due, time.time())
             except Exception:
                 log.exception("popularity refresh failed; serving the current ranking")
+            await asyncio.sleep(1.0)
 
     async def close(self) -> None:
         """Flush acknowledged writes, stop the trainer after its current step, stop reloads."""
         await self.writer.close()
-        if self._reload_task is not None:
-            self._reload_task.cancel()
+        for task in (self._reload_task, self._popularity_task):
+            if task is not None:
+                task.cancel()
         self._trainer_stop.set()
         if self._trainer_thread is not None:
             await asyncio.to_thread(self._trainer_thread.join)
@@ -336,7 +345,14 @@ class DecisionService:
             }
         return status
 
-    async def lift(self, name: str, since: float | None, until: float | None) -> dict[str, Any]:
+    async def lift(
+        self,
+        name: str,
+        since: float | None,
+        until: float | None,
+        replicates: int = 500,
+        period_seconds: float = 86400.0,
+    ) -> dict[str, Any]:
         """The lift report of a policy. By default only decisions whose reward window has
         closed count, so an arm is not judged on rewards that may still arrive."""
         policy = self.policies.get(name)
@@ -349,7 +365,9 @@ class DecisionService:
 
         def compute() -> dict[str, Any]:
             outcomes = collect_outcomes(self.db, policy, since, until)
-            report = lift_report(outcomes, policy)
+            report = lift_report(
+                outcomes, policy, replicates=replicates, period_seconds=period_seconds
+            )
             report["since"], report["until"] = since, until
             return report
 

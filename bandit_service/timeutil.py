@@ -4,15 +4,20 @@ seconds. Naive times are UTC."""
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 
 def parse_instant(text: str) -> float:
     """UNIX seconds for ``text``; ``ValueError`` with a readable message otherwise."""
     value = text.strip()
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(number):
+            raise ValueError(f"{text!r} is not a finite time")
+        return number
     try:
         parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:

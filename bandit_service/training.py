@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from bandit_service.domain import Candidate
 from bandit_service.learners.vw import VWLearner
 from bandit_service.policy import PolicyConfig
-from bandit_service.rewards import slot_rewards
+from bandit_service.rewards import readiness, slot_rewards
 from bandit_service.store import repository
 
 log = logging.getLogger(__name__)
@@ -79,20 +79,6 @@ class StepResult:
 
 class LeaseLost(RuntimeError):
     pass
-
-
-def readiness(decision: Mapping[str, Any], policy: PolicyConfig, now: float, grace: float) -> str:
-    """``"learn"``, ``"skip"`` (deferred, never activated in time) or ``"wait"``."""
-    window = policy.reward_window_seconds
-    created = decision["created_at"]
-    if decision["deferred"]:
-        activated = decision["activated_at"]
-        if activated is None or activated > created + window:
-            return "skip" if now >= created + window + grace else "wait"
-        end = activated + window
-    else:
-        end = created + window
-    return "learn" if now >= end + grace else "wait"
 
 
 @dataclass

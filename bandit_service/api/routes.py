@@ -115,6 +115,7 @@ async def decide(
         excluded=frozenset(body.excluded),
         user_id=body.user_id,
         defer=body.defer,
+        pins=tuple((pin.id, pin.slot) for pin in body.pins),
     )
     row = await service.decide(request, may_exist=body.event_id is not None)
     return json_response(decision_out(row, include == "pmf"))
@@ -205,14 +206,21 @@ async def get_policy(name: str, service: ServiceDep) -> Response:
     summary="Lift of the learned policy over the popularity holdout",
     description=(
         "Per arm: decisions, users, mean reward per decision and per user, guardrails "
-        "(breadth, coverage, exposure Gini, secondary reward kinds). Lift with a user-level "
-        "bootstrap 95% interval and p-value, the tier label, and a sample-ratio check. "
+        "(breadth per user per `period_seconds`, coverage, exposure Gini, secondary reward "
+        "kinds: mean over the decisions that reported that kind). Lift with a user-level "
+        "bootstrap 95% interval (`replicates`, default 500) and p-value, the tier label, and a "
+        "sample-ratio check. The whole range is read on every call: narrow it on big logs. "
         "`since`/`until`: ISO 8601 or UNIX seconds; `until` defaults to now minus the "
         "reward window (closed windows only)."
     ),
 )
 async def get_lift(
-    name: str, service: ServiceDep, since: str | None = None, until: str | None = None
+    name: str,
+    service: ServiceDep,
+    since: str | None = None,
+    until: str | None = None,
+    replicates: Annotated[int, Query(ge=1, le=5000)] = 500,
+    period_seconds: Annotated[float, Query(ge=60, le=366 * 86400)] = 86400,
 ) -> Response:
     bounds: dict[str, float | None] = {}
     for field, text in (("since", since), ("until", until)):
@@ -220,7 +228,7 @@ async def get_lift(
             bounds[field] = parse_instant(text) if text is not None else None
         except ValueError as exc:
             raise InvalidRequest(str(exc), field) from None
-    report = await service.lift(name, bounds["since"], bounds["until"])
+    report = await service.lift(name, bounds["since"], bounds["until"], replicates, period_seconds)
     return json_response(report)
 
 

@@ -56,6 +56,11 @@ DECISION_EXAMPLE: dict[str, Any] = {
 }
 
 
+class PinIn(Strict):
+    id: Identifier
+    slot: Annotated[int, Field(ge=0, le=10_000, strict=True)]
+
+
 class DecisionIn(Strict):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [DECISION_EXAMPLE]})
 
@@ -75,6 +80,12 @@ class DecisionIn(Strict):
     excluded: list[Identifier] = Field(default_factory=list, max_length=10_000)
     event_id: EventId | None = None
     defer: bool = Field(default=False, strict=True)
+    pins: list[PinIn] = Field(
+        default_factory=list,
+        max_length=10_000,
+        description="Candidates fixed at slots for this request (on top of the policy's pins; "
+        "a request pin wins for its slot). Logged with probability 1, never explored.",
+    )
 
 
 class SlotOut(BaseModel):

@@ -63,7 +63,11 @@ class DecisionEngine:
             raise InvalidRequest(f"slot ids must be unique, got {slot_ids}", "slots")
         page = _Page.plan(policy, request)
         learner = self._learner_for(policy.name)
-        holdout = in_holdout(policy, request.user_id, request.event_id)
+        # The holdout measures the *learned* policy; apprentice and logging-only policies
+        # serve their baseline to everyone.
+        holdout = policy.learning_mode == "online" and in_holdout(
+            policy, request.user_id, request.event_id
+        )
         popularity = (
             self._popularity_for(policy.name)
             if self._popularity_for is not None
@@ -140,7 +144,8 @@ class DecisionEngine:
 
         ``explored`` is true when the slot drew from the exploration distribution (an
         exploration position, or the ``exploration_share`` coin came up), and otherwise when
-        the drawn candidate is not the policy's greedy choice for the slot.
+        the drawn candidate is not among the policy's greedy choices for the slot (those
+        tied for its highest probability).
         """
         rules = policy.rules
         p = sampling.normalise(scorer.pmf(k, slot.features, allowed))
@@ -155,9 +160,9 @@ class DecisionEngine:
             mixture = [share * qi + (1 - share) * pi for qi, pi in zip(q, p, strict=True)]
             explore = uniform() < share
             chosen = sampling.draw(q if explore else p, uniform())
-            return chosen, mixture, explore or chosen != sampling.greedy(p)
+            return chosen, mixture, explore or not sampling.is_greedy(p, chosen)
         chosen = sampling.draw(p, uniform())
-        return chosen, p, chosen != sampling.greedy(p)
+        return chosen, p, not sampling.is_greedy(p, chosen)
 
     @staticmethod
     def _baseline(

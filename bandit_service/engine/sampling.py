@@ -52,3 +52,8 @@ def greedy(probabilities: Sequence[float]) -> int:
         if p > probabilities[best]:
             best = index
     return best
+
+
+def is_greedy(probabilities: Sequence[float], index: int) -> bool:
+    """Is ``index`` among the policy's top choices (tied for the highest probability)?"""
+    return probabilities[index] >= max(probabilities)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from bandit_service.policy import PolicyConfig
-from bandit_service.rewards import PRIMARY, slot_rewards
+from bandit_service.rewards import PRIMARY, counts_as_shown, slot_rewards
 
 MIN_UNITS_PER_ARM = 100  # below this the report says "not enough data"
 SRM_ALPHA = 0.001  # sample-ratio mismatch is flagged below this p-value
@@ -53,8 +53,9 @@ class Outcome:
 
 
 def outcome(decision: Mapping[str, Any], policy: PolicyConfig) -> Outcome | None:
-    """Reduce a logged decision (with rewards); None for deferred decisions never shown."""
-    if decision["deferred"] and decision["activated_at"] is None:
+    """Reduce a logged decision (with rewards); None for a deferred decision that was not
+    activated within its window (not shown, as far as the trainer is concerned too)."""
+    if not counts_as_shown(decision, policy):
         return None
     rewards = slot_rewards(decision, policy)
     shown = tuple(s["id"] for s in decision["slots"])
@@ -137,6 +138,7 @@ class LiftEstimate:
     interval: tuple[float, float] | None  # bootstrap percentile, 95%
     normal_interval: tuple[float, float] | None
     p_value: float | None
+    reason: str | None = None  # why lift or interval is undefined
 
 
 def estimate_lift(
@@ -147,8 +149,12 @@ def estimate_lift(
 ) -> LiftEstimate:
     """Lift of ``bandit`` over ``holdout``, each given as per-unit (reward totals, counts)."""
     (yb, nb), (yh, nh) = bandit, holdout
-    if len(yb) < 2 or len(yh) < 2 or yh.sum() <= 0:
-        return LiftEstimate(None, None, None, None)
+    if len(yb) < 2 or len(yh) < 2:
+        return LiftEstimate(None, None, None, None, "fewer than 2 users in an arm")
+    if yh.sum() <= 0 or yb.sum() < 0:
+        # A relative lift needs a positive baseline; signed rewards that sum to <= 0 make
+        # (bandit - holdout) / holdout meaningless. Compare the arms' means instead.
+        return LiftEstimate(None, None, None, None, "holdout mean reward <= 0: lift undefined")
     mb, mh = yb.sum() / nb.sum(), yh.sum() / nh.sum()
     lift = float(mb / mh - 1)
     var = ratio_variance(yb, nb) / mh**2 + mb**2 * ratio_variance(yh, nh) / mh**4
@@ -168,9 +174,14 @@ def estimate_lift(
             rh = (wh @ yh) / (wh @ nh)
             lifts.append(rb / rh - 1)
     draws = np.concatenate(lifts)
-    draws = draws[np.isfinite(draws)]
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return LiftEstimate(float(lift), (float(low), float(high)), normal, p_value)
+    finite = draws[np.isfinite(draws)]
+    if len(finite) < 0.99 * len(draws):
+        # Too many replicates had a zero holdout total: the percentile interval of the rest
+        # would be biased. Say so rather than print a number.
+        reason = "holdout too sparse for a bootstrap interval (zero totals in resamples)"
+        return LiftEstimate(lift, None, normal, p_value, reason)
+    low, high = np.percentile(finite, [2.5, 97.5])
+    return LiftEstimate(lift, (float(low), float(high)), normal, p_value)
 
 
 def tier(lift: float | None, enough: bool) -> str:
@@ -277,8 +288,12 @@ def lift_report(
         "tier": tier(estimate.lift, enough),
         # The tier reads the point estimate; this says whether the interval excludes zero.
         "significant": bool(
-            estimate.interval and (estimate.interval[0] > 0 or estimate.interval[1] < 0)
+            enough and estimate.interval and (estimate.interval[0] > 0 or estimate.interval[1] < 0)
         ),
+        "reason": estimate.reason
+        or (None if enough else f"fewer than {min_units} users in an arm"),
+        "learning_mode": policy.learning_mode,
+        "period_seconds": period_seconds,
         "minimum_users_per_arm": min_units,
         "interval_method": "user-level Poisson bootstrap, percentile",
         "sample_ratio": sample_ratio_check(units_h, units_b + units_h, policy.holdout_share),
@@ -350,6 +365,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"lift: {pct(report['lift'])}"
         + (f"  95% interval [{pct(interval[0])}, {pct(interval[1])}]" if interval else "")
         + (f"  p = {report['p_value']:.3g}" if report["p_value"] is not None else ""),
+        *([f"note: {report['reason']}"] if report["reason"] else []),
         f"tier: {report['tier']} (from the point estimate; needs >= "
         f"{report['minimum_users_per_arm']} users per arm); interval "
         + ("excludes 0" if report["significant"] else "includes 0: not significant"),

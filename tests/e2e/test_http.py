@@ -373,3 +373,46 @@ def test_unknown_routes_and_decisions_are_json_404(client: TestClient) -> None:
     for path in ("/v1/decisions/%00/rewards", "/v1/decisions/a%20b/activate"):
         response = client.post(path, json={"value": 1})
         assert response.status_code == 404, response.text
+
+
+RULED_POLICY = """
+holdout_share = 0
+vw_args = "--cb_explore_adf --epsilon 0.3"
+
+[rules]
+exclude_if = [{feature = "in_stock", equals = false}]
+pins = [{id = "promo", slot = 0}]
+max_per_value = [{feature = "category", max = 1}]
+boosts = [{feature = "category", equals = "news", factor = 2.0}]
+exploration_positions = [2]
+"""
+
+
+def test_rules_over_http(settings: Settings, policies_dir: Any) -> None:
+    (policies_dir / "ruled.toml").write_text(RULED_POLICY)
+    candidates = [
+        {"id": "promo", "features": {"category": "ads"}},
+        {"id": "n1", "features": {"category": "news"}},
+        {"id": "n2", "features": {"category": "news"}},
+        {"id": "s1", "features": {"category": "sport"}},
+        {"id": "gone", "features": {"category": "food", "in_stock": False}},
+        {"id": "f1", "features": {"category": "food"}},
+    ]
+    with TestClient(create_app(settings)) as client:
+        for _i in range(30):
+            response = client.post(
+                "/v1/decisions?include=pmf",
+                json={"policy": "ruled", "candidates": candidates, "slots": 3},
+            )
+            assert response.status_code == 200, response.text
+            slots = response.json()["slots"]
+            assert slots[0]["id"] == "promo" and slots[0]["probability"] == 1.0
+            assert not slots[0]["explored"] and slots[2]["explored"]
+            shown = [s["id"] for s in slots]
+            assert "gone" not in shown and not {"n1", "n2"} <= set(shown)
+        too_many = client.post(
+            "/v1/decisions", json={"policy": "ruled", "candidates": candidates, "slots": 5}
+        )
+        assert too_many.status_code == 422
+        assert too_many.json()["error"]["field"] == "slots[1]"
+        assert "no eligible candidate" in too_many.json()["error"]["message"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from scipy import stats
@@ -58,9 +59,11 @@ def test_zero_share_means_nobody() -> None:
     assert not any(in_holdout(policy, f"u{i}", "e") for i in range(1000))
 
 
-def decision(created_at: float, shown: list[str], rewards: dict[int, float]) -> dict:
+def decision(created_at: float, shown: list[str], rewards: dict[int, float], **extra: Any) -> dict:
     return {
         "created_at": created_at,
+        "deferred": extra.get("deferred", False),
+        "activated_at": extra.get("activated_at"),
         "slots": [{"slot": i, "id": cid} for i, cid in enumerate(shown)],
         "rewards": [
             {"slot": s, "value": v, "late": False, "kind": "primary"} for s, v in rewards.items()
@@ -70,28 +73,33 @@ def decision(created_at: float, shown: list[str], rewards: dict[int, float]) -> 
 
 def test_popularity_on_a_crafted_log() -> None:
     policy = PolicyConfig(
-        name="p", reward_min=0, reward_max=1, default_reward=0,
+        name="p", reward_min=0, reward_max=1, default_reward=0, reward_window_seconds=1,
         popularity_half_life_seconds=100, popularity_prior_strength=2,
     )  # fmt: skip
-    now = 1000.0
+    now = 1001.0  # "recent" decisions are 1 s old: their 1 s windows have just closed
+    recent, old = 2 ** (-1 / 100), 2 ** (-201 / 100)
     log = [
         # "hit": 4 recent impressions, all rewarded.
-        *[decision(now, ["hit"], {0: 1.0}) for _ in range(4)],
+        *[decision(now - 1, ["hit"], {0: 1.0}) for _ in range(4)],
         # "dud": 4 recent impressions, never rewarded (default reward 0).
-        *[decision(now, ["dud"], {}) for _ in range(4)],
+        *[decision(now - 1, ["dud"], {}) for _ in range(4)],
         # "faded": clicked long ago (two half-lives: weight 1/4), ignored recently.
-        *[decision(now - 200, ["faded"], {0: 1.0}) for _ in range(4)],
-        *[decision(now, ["faded"], {}) for _ in range(4)],
+        *[decision(now - 201, ["faded"], {0: 1.0}) for _ in range(4)],
+        *[decision(now - 1, ["faded"], {}) for _ in range(4)],
         # "rising": ignored long ago, clicked recently.
-        *[decision(now - 200, ["rising"], {}) for _ in range(4)],
-        *[decision(now, ["rising"], {0: 1.0}) for _ in range(4)],
+        *[decision(now - 201, ["rising"], {}) for _ in range(4)],
+        *[decision(now - 1, ["rising"], {0: 1.0}) for _ in range(4)],
+        # Not counted: a window still open, and deferred decisions never (or late) activated.
+        *[decision(now - 0.5, ["dud"], {0: 1.0}) for _ in range(4)],
+        *[decision(now - 201, ["dud"], {0: 1.0}, deferred=True) for _ in range(9)],
+        *[decision(now - 201, ["dud"], {0: 1.0}, deferred=True, activated_at=now - 100)],
     ]
     scores = compute_popularity(log, policy, now)
     # score = (a + sum w r) / (a + b + sum w), prior mean 0 so a = 0, a + b = 2.
-    assert scores.score("hit") == pytest.approx(4 / 6)
-    assert scores.score("dud") == pytest.approx(0 / 6)
-    assert scores.score("faded") == pytest.approx(1 / (2 + 4 + 1))
-    assert scores.score("rising") == pytest.approx(4 / (2 + 4 + 1))
+    assert scores.score("hit") == pytest.approx(4 * recent / (2 + 4 * recent))
+    assert scores.score("dud") == 0.0
+    assert scores.score("faded") == pytest.approx(4 * old / (2 + 4 * recent + 4 * old))
+    assert scores.score("rising") == pytest.approx(4 * recent / (2 + 4 * recent + 4 * old))
     assert scores.score("never-seen") == scores.prior == 0.0
     order = sorted(["dud", "faded", "rising", "hit"], key=lambda c: -scores.score(c))
     assert order == ["hit", "rising", "faded", "dud"]
@@ -99,7 +107,7 @@ def test_popularity_on_a_crafted_log() -> None:
 
 def test_prior_follows_the_default_reward() -> None:
     policy = PolicyConfig(name="p", reward_min=-1, reward_max=1, default_reward=0)
-    scores = compute_popularity([decision(0.0, ["a"], {})], policy, 0.0)
+    scores = compute_popularity([decision(0.0, ["a"], {})], policy, 3600.0)
     assert scores.prior == 0.5  # the default reward 0, rescaled from [-1, 1]
     assert scores.score("a") == pytest.approx(0.5)  # shown, never rewarded: same as unseen
 
@@ -125,3 +133,17 @@ def test_holdout_decisions_follow_popularity_with_probability_one() -> None:
     bandit_user = next(u for u in (f"u{i}" for i in range(200)) if not in_holdout(policy, u, "x"))
     request = DecisionRequest("e-b", "h", candidates, slot_list(2), user_id=bandit_user)
     assert engine.decide(request).arm == "bandit"
+
+
+def test_baseline_policies_have_no_holdout() -> None:
+    """Apprentice and logging-only policies show their baseline to everyone: a holdout
+    would compare popularity with the baseline, not with a learned policy."""
+    policy = PolicyConfig(name="a", holdout_share=0.5, learning_mode="apprentice")
+    learner = VWLearner(policy.vw_args)
+    engine = DecisionEngine({"a": policy}, lambda _n: learner)
+    candidates = tuple(Candidate(f"c{i}") for i in range(3))
+    arms = {
+        engine.decide(DecisionRequest(f"e{i}", "a", candidates, slot_list(1), user_id=f"u{i}")).arm
+        for i in range(100)
+    }
+    assert arms == {"bandit"}

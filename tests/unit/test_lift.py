@@ -9,6 +9,7 @@ from bandit_service.policy import PolicyConfig
 from bandit_service.reports.lift import (
     Outcome,
     estimate_lift,
+    format_table,
     gini,
     lift_report,
     sample_ratio_check,
@@ -126,3 +127,39 @@ def test_report_guardrails_on_a_small_log() -> None:
     assert holdout["guardrails"]["catalog_coverage"] == pytest.approx(0.5)
     assert bandit["guardrails"]["secondary_rewards"]["satisfaction"]["mean"] == 1.0
     assert report["lift"] == pytest.approx((2 / 3) / (1 / 3) - 1)
+
+
+def test_sample_ratio_mismatch_is_flagged_in_the_report_of_a_skewed_log() -> None:
+    policy = PolicyConfig(name="p", holdout_share=0.05)
+
+    def o(arm: str, unit: str) -> Outcome:
+        return Outcome(arm, unit, 0.0, 1.0, ("a",), ("a",), ("a",), ())
+
+    skewed = [o("holdout" if i < 800 else "bandit", f"u{i}") for i in range(10_000)]
+    report = lift_report(skewed, policy, replicates=50)
+    assert report["sample_ratio"]["mismatch"] is True
+    assert "MISMATCH" in format_table(report)
+    fair = [o("holdout" if i < 500 else "bandit", f"u{i}") for i in range(10_000)]
+    assert lift_report(fair, policy, replicates=50)["sample_ratio"]["mismatch"] is False
+
+
+def test_lift_is_undefined_when_the_holdout_mean_is_not_positive() -> None:
+    policy = PolicyConfig(name="p", holdout_share=0.5)
+    log = [
+        Outcome("holdout" if i % 2 else "bandit", f"u{i}", 0.0, -1.0 if i % 2 else 1.0,
+                ("a",), ("a",), (), ())
+        for i in range(400)
+    ]  # fmt: skip
+    report = lift_report(log, policy, replicates=50)
+    assert report["lift"] is None and report["tier"] == "not enough data"
+    assert "holdout mean reward <= 0" in report["reason"]
+    assert report["significant"] is False
+
+
+def test_times_must_be_finite() -> None:
+    from bandit_service.timeutil import parse_instant
+
+    assert parse_instant("2026-11-22T00:00:00Z") == parse_instant("1795305600")
+    for bad in ("nan", "inf", "-inf", "yesterday"):
+        with pytest.raises(ValueError):
+            parse_instant(bad)
