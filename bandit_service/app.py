@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -25,6 +26,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        # Everything allocated so far (libraries, schemas, models) lives for the whole
+        # process; moving it out of the collector's reach keeps full collections short
+        # (they paused 500-candidate requests for ~100 ms every ~20 requests).
+        gc.freeze()
         try:
             yield
         finally:

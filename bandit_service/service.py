@@ -31,7 +31,7 @@ from bandit_service.policy import PolicyConfig
 from bandit_service.reports.lift import collect_outcomes, lift_report
 from bandit_service.rewards import PRIMARY
 from bandit_service.store import repository
-from bandit_service.store.database import check_ready, make_engine
+from bandit_service.store.database import check_ready, checkpoint_wal, make_engine
 from bandit_service.store.writer import BatchWriter
 from bandit_service.training import Trainer
 
@@ -55,7 +55,11 @@ class DecisionService:
     ) -> None:
         self.settings = settings
         self.policies = dict(policies)
-        self.db = engine if engine is not None else make_engine(settings.database_url)
+        self.db = (
+            engine
+            if engine is not None
+            else make_engine(settings.database_url, background_checkpoints=True)
+        )
         self.models = ModelRegistry(self.db, self.policies)
         self.popularity = PopularityBoard(
             self.db, self.policies, settings.trainer_commit_grace_seconds
@@ -70,6 +74,7 @@ class DecisionService:
         self._in_flight: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._reload_task: asyncio.Task[None] | None = None
         self._popularity_task: asyncio.Task[None] | None = None
+        self._checkpoint_task: asyncio.Task[None] | None = None
         self._trainer_stop = threading.Event()
         self._trainer_thread: threading.Thread | None = None
 
@@ -85,6 +90,9 @@ class DecisionService:
         loop = asyncio.get_running_loop()
         self._reload_task = loop.create_task(self._reload_loop())
         self._popularity_task = loop.create_task(self._popularity_loop())
+        self._checkpoint_task = (
+            loop.create_task(self._checkpoint_loop()) if self.db.dialect.name == "sqlite" else None
+        )
         if self.settings.trainer == "inline":
             self._start_trainer()
 
@@ -111,6 +119,14 @@ class DecisionService:
             except Exception:
                 log.exception("model reload failed; serving the current models")
 
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await asyncio.to_thread(checkpoint_wal, self.db)
+            except Exception:
+                log.exception("WAL checkpoint failed; will retry")
+
     async def _popularity_loop(self) -> None:
         """Popularity scans the log; it runs on its own so it never delays a model reload.
         Until the first scan ends, every candidate has the prior (request order)."""
@@ -124,7 +140,7 @@ class DecisionService:
     async def close(self) -> None:
         """Flush acknowledged writes, stop the trainer after its current step, stop reloads."""
         await self.writer.close()
-        for task in (self._reload_task, self._popularity_task):
+        for task in (self._reload_task, self._popularity_task, self._checkpoint_task):
             if task is not None:
                 task.cancel()
         self._trainer_stop.set()
@@ -402,10 +418,8 @@ def decision_row(
         "model_version": decision.model_version,
         "arm": decision.arm,
         "user_key": user_key,
-        "context": to_jsonable(request.context),
-        "candidates": [
-            {"id": c.id, "features": to_jsonable(c.features)} for c in request.candidates
-        ],
+        "context": _jsonable(request.context),
+        "candidates": [{"id": c.id, "features": _jsonable(c.features)} for c in request.candidates],
         "slots": [_slot_json(c, slot_features.get(c.slot_id, {})) for c in decision.slots],
         "excluded": sorted(request.excluded),
         "created_at": created_at,
@@ -414,11 +428,16 @@ def decision_row(
     }
 
 
+def _jsonable(features: Any) -> Any:
+    """Features parsed from JSON are already plain dicts; convert other mappings only."""
+    return features if type(features) is dict else to_jsonable(features)
+
+
 def _slot_json(choice: SlotChoice, features: Any) -> dict[str, Any]:
     return {
         "slot": choice.slot,
         "slot_id": choice.slot_id,
-        "slot_features": to_jsonable(features),
+        "slot_features": _jsonable(features),
         "id": choice.id,
         "probability": choice.probability,
         "explored": choice.explored,

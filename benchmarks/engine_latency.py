@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/engine_latency.py [--repeat 2000]
 
 Shapes: 50 candidates x 10 features with a 20-feature context, 1 and 3 slots; 500
-candidates x 10 features, 5 slots. Each request carries fresh feature dicts (as parsed
+candidates x 10 features, 5 slots, without and with every rule (filter, pin, diversity cap,
+freshness, boost, 15% exploration slots). Each request carries fresh feature dicts (as parsed
 from JSON), so the rendered-line cache is exercised the way the API exercises it.
 """
 
@@ -23,15 +24,27 @@ from _synthetic import candidates, context
 from bandit_service.domain import Candidate, DecisionRequest, slot_list
 from bandit_service.engine import DecisionEngine
 from bandit_service.learners.vw import VWLearner
-from bandit_service.policy import PolicyConfig
+from bandit_service.policy import parse_policy
+
+RULES = {
+    "exclude_if": [{"feature": "f1", "equals": "z"}],
+    "pins": [{"id": "item-0", "slot": 0}],
+    "max_per_value": [{"feature": "f3", "max": 2}],
+    "freshness": {"feature": "f0", "max_age": 0.2, "boost": 2.0},
+    "boosts": [{"feature": "f5", "equals": "x", "factor": 1.5}],
+    "exploration_share": 0.15,
+}
 
 
-def run(count: int, slots: int, repeat: int) -> tuple[float, float, float]:
+def run(count: int, slots: int, repeat: int, rules: bool = False) -> tuple[float, float, float]:
     rng = random.Random(count * 100 + slots)
-    policy = PolicyConfig(name="bench", vw_args="--cb_explore_adf --epsilon 0.1 -q ua -q sa")
+    raw = {"vw_args": "--cb_explore_adf --epsilon 0.1 -q ua -q sa", "holdout_share": 0}
+    policy = parse_policy("bench", {**raw, "rules": RULES} if rules else raw)
     learner = VWLearner(policy.vw_args)
     engine = DecisionEngine({"bench": policy}, lambda _name: learner)
     pool = candidates(rng, count)
+    if rules:  # the pinned candidate must not also be filtered out
+        pool[0] = Candidate(pool[0].id, {**pool[0].features, "f1": "x"})
     timings = []
     for i in range(repeat):
         fresh = tuple(Candidate(c.id, dict(c.features)) for c in pool)  # as if parsed anew
@@ -51,11 +64,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=2000)
     args = parser.parse_args()
-    print(f"{'shape':<28}{'p50 ms':>10}{'p99 ms':>10}{'decisions/s':>14}")
-    for count, slots in [(50, 1), (50, 3), (500, 5)]:
+    print(f"{'shape':<40}{'p50 ms':>10}{'p99 ms':>10}{'decisions/s':>14}")
+    for count, slots, rules in [(50, 1, False), (50, 3, False), (500, 5, False), (500, 5, True)]:
         repeat = args.repeat if count <= 50 else max(200, args.repeat // 10)
-        p50, p99, rate = run(count, slots, repeat)
-        print(f"{f'{count} candidates, {slots} slot(s)':<28}{p50:>10.3f}{p99:>10.3f}{rate:>14.0f}")
+        p50, p99, rate = run(count, slots, repeat, rules)
+        shape = f"{count} candidates, {slots} slot(s)" + (", all rules" if rules else "")
+        print(f"{shape:<40}{p50:>10.3f}{p99:>10.3f}{rate:>14.0f}")
 
 
 if __name__ == "__main__":
