@@ -410,7 +410,8 @@ def plot_lift(points: list[dict[str, Any]], path: str, title: str) -> None:
                     fontsize=8, color="grey", ha="right", va="bottom")  # fmt: skip
     ax.set_ylabel("lift over popularity holdout (%)")
     ax.set_title(title)
-    ax.legend(loc="best")
+    if usable:
+        ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
