@@ -28,6 +28,11 @@ from typing import Any
 ExplorationDistribution = str  # "uniform" | "least_shown"
 
 
+# Bounds on multiplicative weights: a product of a few stays a finite float, so the
+# reweighted distribution can always be normalised.
+MIN_FACTOR, MAX_FACTOR = 1e-6, 1e6
+
+
 class RulesError(ValueError):
     pass
 
@@ -99,7 +104,7 @@ class RuleSet:
         fresh = self.freshness
         if fresh is not None:
             age = _age(feature_value(features, fresh.feature), fresh.timestamp, now)
-            if age is not None and age < fresh.max_age:
+            if age is not None and 0 <= age < fresh.max_age:  # a future time is not fresh
                 weight *= fresh.boost
         return weight
 
@@ -246,8 +251,11 @@ def _boost(raw: Any) -> Boost:
     if not isinstance(raw, Mapping) or set(raw) != {"feature", "equals", "factor"}:
         raise RulesError('boosts: each entry is {feature = "…", equals = value, factor = x}')
     factor = _number(raw["factor"], "boosts.factor")
-    if not factor > 0:
-        raise RulesError("boosts: factor must be positive (use exclude_if to remove)")
+    if not MIN_FACTOR <= factor <= MAX_FACTOR:
+        raise RulesError(
+            f"boosts: factor must be between {MIN_FACTOR:g} and {MAX_FACTOR:g} "
+            "(use exclude_if to remove a candidate)"
+        )
     return Boost(_test({"feature": raw["feature"], "equals": raw["equals"]}, "boosts"), factor)
 
 
@@ -256,8 +264,8 @@ def _freshness(raw: Any) -> Freshness:
     if not isinstance(raw, Mapping) or not {"feature", "max_age", "boost"} <= set(raw) <= keys:
         raise RulesError('freshness is {feature = "…", max_age = x, boost = y[, timestamp = true]}')
     boost = _number(raw["boost"], "freshness.boost")
-    if not boost > 0:
-        raise RulesError("freshness.boost must be positive")
+    if not MIN_FACTOR <= boost <= MAX_FACTOR:
+        raise RulesError(f"freshness.boost must be between {MIN_FACTOR:g} and {MAX_FACTOR:g}")
     timestamp = raw.get("timestamp", False)
     if not isinstance(timestamp, bool):
         raise RulesError("freshness.timestamp must be true or false")

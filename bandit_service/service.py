@@ -55,6 +55,7 @@ class DecisionService:
     ) -> None:
         self.settings = settings
         self.policies = dict(policies)
+        self._owns_db = engine is None
         self.db = (
             engine
             if engine is not None
@@ -146,6 +147,8 @@ class DecisionService:
         self._trainer_stop.set()
         if self._trainer_thread is not None:
             await asyncio.to_thread(self._trainer_thread.join)
+        if self._owns_db:
+            self.db.dispose()  # return every pooled connection now, not at garbage collection
 
     async def readiness(self) -> tuple[bool, str]:
         ok, reason = await asyncio.to_thread(check_ready, self.db)

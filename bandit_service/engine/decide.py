@@ -23,7 +23,7 @@ from bandit_service.errors import InvalidRequest, UnknownPolicy
 from bandit_service.holdout import PopularityScores, in_holdout, ranking
 from bandit_service.learners.base import Learner, SlotScorer
 from bandit_service.policy import PolicyConfig
-from bandit_service.rules import group_key, page_capacity
+from bandit_service.rules import group_key
 
 
 class DecisionEngine:
@@ -74,8 +74,9 @@ class DecisionEngine:
             else PopularityScores(prior=0.0)
         )
         scorer = None if holdout else learner.scorer(request.context, candidates)
+        now = self._clock()
         weights = (
-            [policy.rules.weight(c.features, self._clock()) for c in candidates]
+            [policy.rules.weight(c.features, now) for c in candidates]
             if policy.rules.reweights and not holdout
             else None
         )
@@ -229,29 +230,7 @@ class _Page:
             i for i, c in enumerate(candidates)
             if c.id in request.excluded or rules.excluded_by_filters(c.features)
         }  # fmt: skip
-        # Pins: the policy's, then the request's (which win for the same slot).
-        wanted = {pin.slot: pin.id for pin in rules.pins}
-        wanted.update({slot: cid for cid, slot in request.pins})
-        pins: dict[int, int] = {}
-        for slot, cid in sorted(wanted.items()):
-            if slot >= len(request.slots):
-                if slot in {s for _c, s in request.pins}:
-                    raise InvalidRequest(
-                        f"pin of {cid!r} to slot {slot}, but the page has "
-                        f"{len(request.slots)} slot(s)", "pins",
-                    )  # fmt: skip
-                continue  # a policy pin beyond a short page does not apply
-            if cid not in index:
-                if slot in {s for _c, s in request.pins}:
-                    raise InvalidRequest(f"pinned candidate {cid!r} is not a candidate", "pins")
-                continue  # a policy pin for a candidate not offered today does not apply
-            if index[cid] in excluded:
-                raise InvalidRequest(
-                    f"candidate {cid!r} is both pinned (slot {slot}) and excluded", "pins"
-                )
-            if index[cid] in pins.values():
-                raise InvalidRequest(f"candidate {cid!r} is pinned to two slots", "pins")
-            pins[slot] = index[cid]
+        pins = _plan_pins(policy, request, index, excluded)
         pinned = set(pins.values())
         free = [i for i in range(len(candidates)) if i not in excluded and i not in pinned]
         open_slots = len(request.slots) - len(pins)
@@ -265,6 +244,14 @@ class _Page:
         page.counts = [Counter() for _ in rules.max_per_value]
         for i in pinned:  # pins count towards the caps of the whole page
             page._count(i)
+        for cap, counts in zip(rules.max_per_value, page.counts, strict=True):
+            over = [key for key, count in counts.items() if count > cap.max]
+            if over:
+                raise InvalidRequest(
+                    f"the pins put more than {cap.max} candidate(s) with the same "
+                    f"{cap.feature!r} on the page ({over[0]}), beyond its diversity cap",
+                    "pins",
+                )
         return page
 
     def _key(self, i: int, cap_index: int) -> str | None:
@@ -283,8 +270,14 @@ class _Page:
         self._count(i)
 
     def allowed(self, k: int) -> list[int]:
-        """Free candidates that may fill slot ``k`` without breaking a cap, now or later
-        (each cap on its own: the remaining open slots must stay fillable)."""
+        """Free candidates that may fill slot ``k`` without breaking a cap, now or later.
+
+        Each cap is checked on its own: a candidate is masked when placing it would leave
+        fewer fillable places under that cap than open slots remain. With one cap this is
+        exact (a page is refused before any draw if and only if no valid page exists); with
+        several caps it is a necessary condition, and an unlucky combination can still
+        leave a later slot empty (a 422 naming that slot).
+        """
         later = sum(1 for s in range(k + 1, self.slot_count) if s not in self.pins)
         allowed = list(self.free)
         for c, cap in enumerate(self.policy.rules.max_per_value):
@@ -295,16 +288,23 @@ class _Page:
                 if keys[i] is None or counts[keys[i]] < cap.max  # type: ignore[index]
             ]  # fmt: skip
             if later:
-                feasible_after: dict[str | None, bool] = {}
-                for i in allowed:
-                    key = keys[i]
-                    if key not in feasible_after:
-                        after = Counter(counts)
-                        if key is not None:
-                            after[key] += 1
-                        rest = [keys[j] for j in self.free if j != i]
-                        feasible_after[key] = page_capacity(rest, after, cap.max) >= later
-                allowed = [i for i in allowed if feasible_after[keys[i]]]
+                available = Counter(keys.values())
+
+                def room(key: str | None, n: int, placed: int, cap_max: int = cap.max) -> int:
+                    return n if key is None else min(n, max(0, cap_max - placed))
+
+                # Places the free candidates can still fill under this cap, and how that
+                # total changes when one candidate of a key is placed: O(1) per key.
+                total = sum(
+                    room(g, n, counts.get(g, 0) if g is not None else 0)
+                    for g, n in available.items()
+                )
+                feasible: dict[str | None, bool] = {}
+                for g, n in available.items():
+                    placed = counts.get(g, 0) if g is not None else 0
+                    after = total - room(g, n, placed) + room(g, n - 1, placed + 1)
+                    feasible[g] = after >= later
+                allowed = [i for i in allowed if feasible[keys[i]]]
         if not allowed:
             raise InvalidRequest(
                 f"the rules leave slot {k} with no eligible candidate (diversity caps "
@@ -313,6 +313,48 @@ class _Page:
                 f"slots[{k}]",
             )
         return allowed
+
+
+def _plan_pins(
+    policy: PolicyConfig,
+    request: DecisionRequest,
+    index: Mapping[str, int],
+    excluded: set[int],
+) -> dict[int, int]:
+    """Slot -> candidate position. A request pin is the caller's explicit wish: an unknown,
+    excluded, doubly pinned or out-of-page one is a 422 naming ``pins``. A policy pin is a
+    standing rule: it does not apply to a page without its candidate (not offered, or
+    excluded), beyond a shorter page, or where a request pin claims its slot or moves its
+    candidate."""
+    slots = len(request.slots)
+    pins: dict[int, int] = {}
+    requested_ids: set[str] = set()
+    for cid, slot in request.pins:
+        if slot in pins:
+            raise InvalidRequest(f"two request pins for slot {slot}", "pins")
+        if slot >= slots:
+            raise InvalidRequest(
+                f"pin of {cid!r} to slot {slot}, but the page has {slots} slot(s)", "pins"
+            )
+        if cid not in index:
+            raise InvalidRequest(f"pinned candidate {cid!r} is not a candidate", "pins")
+        if index[cid] in excluded:
+            raise InvalidRequest(f"candidate {cid!r} is both pinned and excluded", "pins")
+        if cid in requested_ids:
+            raise InvalidRequest(f"candidate {cid!r} is pinned to two slots", "pins")
+        requested_ids.add(cid)
+        pins[slot] = index[cid]
+    for pin in policy.rules.pins:
+        if (
+            pin.slot >= slots
+            or pin.slot in pins
+            or pin.id in requested_ids
+            or pin.id not in index
+            or index[pin.id] in excluded
+        ):
+            continue
+        pins[pin.slot] = index[pin.id]
+    return pins
 
 
 def _check_candidates(candidates: tuple[Candidate, ...]) -> None:

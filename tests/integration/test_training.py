@@ -119,11 +119,25 @@ def sql(settings: Settings, statement: str, **params: Any) -> None:
     engine.dispose()
 
 
+_ENGINES: list[Any] = []
+
+
+@pytest.fixture(autouse=True)
+def _dispose_engines() -> Any:
+    """Trainers built by these tests share nothing; close their pools after each test so
+    the PostgreSQL server is not left with idle connections."""
+    yield
+    while _ENGINES:
+        _ENGINES.pop().dispose()
+
+
 def trainer(
     settings: Settings, policy: PolicyConfig, clock: float, owner: str = "t1", **options: Any
 ) -> PolicyTrainer:
+    engine = make_engine(settings.database_url)
+    _ENGINES.append(engine)
     return PolicyTrainer(
-        make_engine(settings.database_url),
+        engine,
         policy,
         owner,
         TrainerOptions(commit_grace_seconds=0, **options),

@@ -132,6 +132,18 @@ def test_cold_start_candidates_are_favoured_by_least_shown_exploration() -> None
     assert pmf["c4"] == pytest.approx(pmf["c7"])  # equally unseen, equally likely
 
 
+def test_high_cardinality_caps_stay_linear() -> None:
+    """The cap look-ahead costs O(candidates) per slot, whatever the number of values."""
+    policy = parse_policy(
+        "p", {"holdout_share": 0, "rules": {"max_per_value": [{"feature": "k", "max": 1}]}}
+    )
+    learner = VWLearner(policy.vw_args)
+    engine = DecisionEngine({"p": policy}, lambda _n: learner)
+    many = tuple(Candidate(f"c{i}", {"k": f"v{i}"}) for i in range(500))
+    decision = engine.decide(DecisionRequest("hc", "p", many, slot_list(5)))
+    assert len({s.id for s in decision.slots}) == 5
+
+
 def test_request_pins_win_over_policy_pins_and_are_checked() -> None:
     engine = engine_with(RULES["pin"])
     decision = engine.decide(request("rp", pins=(("c0", 1), ("c6", 0))))
@@ -146,6 +158,34 @@ def test_request_pins_win_over_policy_pins_and_are_checked() -> None:
         assert info.value.field == "pins"
     with pytest.raises(InvalidRequest, match="excluded"):
         engine.decide(request("bad", pins=(("c1", 0),), excluded=frozenset({"c1"})))
+
+
+def test_pins_cannot_break_caps_and_policy_pins_yield_to_the_request() -> None:
+    capped = engine_with({"max_per_value": [{"feature": "category", "max": 1}]})
+    with pytest.raises(InvalidRequest, match="diversity cap") as info:
+        capped.decide(request("pc", pins=(("c0", 0), ("c3", 1))))  # both in category A
+    assert info.value.field == "pins"
+    with pytest.raises(InvalidRequest, match="two request pins"):
+        capped.decide(request("dup", pins=(("c0", 0), ("c1", 0))))
+
+    pinned = engine_with(RULES["pin"])  # the policy pins c3 to slot 1
+    # Excluding the policy-pinned candidate (e.g. already seen) just drops the pin.
+    decision = pinned.decide(request("ex", excluded=frozenset({"c3"})))
+    assert "c3" not in [s.id for s in decision.slots] and decision.slots[1].probability < 1
+    # A request may move the policy-pinned candidate elsewhere.
+    moved = pinned.decide(request("mv", pins=(("c3", 0),)))
+    assert moved.slots[0].id == "c3" and moved.slots[1].id != "c3"
+
+
+def test_request_exclusions_and_pins_hold_with_every_rule() -> None:
+    engine = engine_with(RULES["all_together"])
+    for i in range(2000):
+        decision = engine.decide(request(f"rq-{i}", pins=(("c7", 0),), excluded=frozenset({"c4"})))
+        shown = [s.id for s in decision.slots]
+        assert shown[0] == "c7" and shown[1] == "c3"  # request pin, policy pin
+        assert "c4" not in shown and "c5" not in shown
+        categories = [CANDIDATES[int(cid[1:])].features["category"] for cid in shown]
+        assert len(set(categories)) == 3
 
 
 def test_rules_that_leave_a_slot_empty_are_a_clear_4xx() -> None:
@@ -164,7 +204,8 @@ def test_rules_that_leave_a_slot_empty_are_a_clear_4xx() -> None:
         ({"pins": [{"id": "a"}]}, "pin"),
         ({"pins": [{"id": "a", "slot": 0}, {"id": "b", "slot": 0}]}, "same slot"),
         ({"max_per_value": [{"feature": "c", "max": 0}]}, "max"),
-        ({"boosts": [{"feature": "c", "equals": 1, "factor": -1}]}, "positive"),
+        ({"boosts": [{"feature": "c", "equals": 1, "factor": -1}]}, "between"),
+        ({"boosts": [{"feature": "c", "equals": 1, "factor": 1e200}]}, "between"),
         ({"freshness": {"feature": "age"}}, "freshness"),
         ({"exploration_share": 1.0}, "exploration_share"),
         ({"exploration_distribution": "random"}, "exploration_distribution"),
