@@ -1,4 +1,5 @@
-"""Reward aggregation: how several rewards for one slot become the one that is learned."""
+"""Rewards and their windows: how several rewards for one slot become the one that is learned,
+whether a decision counts as shown, and when its window has closed."""
 
 from __future__ import annotations
 
