@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
@@ -99,6 +100,7 @@ class PolicyTrainer:
     skipped_events: int = 0
     model_version: int = 0
     note: str = ""
+    _candidate_sets: dict[str, dict[str, Candidate]] = field(default_factory=dict, repr=False)
 
     def step(self) -> StepResult:
         now = self.clock()
@@ -112,7 +114,11 @@ class PolicyTrainer:
             if self.learner is None or (latest and latest["model_version"] != self.model_version):
                 self._load(session)
             batch = repository.decisions_after(
-                session, self.policy.name, self.position, self.options.batch_events
+                session,
+                self.policy.name,
+                self.position,
+                self.options.batch_events,
+                candidates_as_text=True,
             )
         return self._learn_batch(batch, now)
 
@@ -192,12 +198,12 @@ class PolicyTrainer:
         if decision["arm"] != "bandit":
             return None
         try:
-            features = {c["id"]: c.get("features", {}) for c in decision["candidates"]}
+            by_id = self._candidate_set(decision["candidates_text"])
             rewards = slot_rewards(decision, self.policy)
             apprentice = self.policy.learning_mode == "apprentice"
             examples = []
             for slot, reward in zip(decision["slots"], rewards, strict=True):
-                eligible = [Candidate(cid, features.get(cid, {})) for cid, _p in slot["pmf"]]
+                eligible = [by_id.get(cid) or Candidate(cid) for cid, _p in slot["pmf"]]
                 chosen = next(i for i, c in enumerate(eligible) if c.id == slot["id"])
                 # Apprentice mode imitates: with only the baseline ever shown there is nothing
                 # to compare its reward against, so the baseline is learned as the best action.
@@ -219,6 +225,18 @@ class PolicyTrainer:
                 self.policy.name, decision.get("event_id"), type(exc).__name__, exc,
             )  # fmt: skip
             return None
+
+    def _candidate_set(self, text: str) -> dict[str, Candidate]:
+        """Decoded candidates by id, once per distinct candidate set (bounded cache)."""
+        found = self._candidate_sets.get(text)
+        if found is None:
+            if len(self._candidate_sets) >= 256:
+                self._candidate_sets.clear()
+            found = {
+                c["id"]: Candidate(c["id"], c.get("features") or {}) for c in orjson.loads(text)
+            }
+            self._candidate_sets[text] = found
+        return found
 
     def _checkpoint(self, position: int, learned: int, skipped: int) -> None:
         assert self.learner is not None

@@ -5,7 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Update, delete, func, insert, select, text, update
+from sqlalchemy import (
+    CursorResult,
+    Text,
+    Update,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy import cast as cast_
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -141,16 +152,25 @@ def decisions_after(
     limit: int,
     since: float | None = None,
     until: float | None = None,
+    candidates_as_text: bool = False,
 ) -> list[dict[str, Any]]:
     """The next ``limit`` decisions of a policy after a log position, each with its rewards
-    (optionally only those created in ``[since, until)``)."""
-    query = select(DecisionRow).where(DecisionRow.policy == policy, DecisionRow.position > position)
+    (optionally only those created in ``[since, until)``).
+
+    ``candidates_as_text`` returns the candidates column undecoded, as ``candidates_text``:
+    the trainer decodes each distinct candidate set once (catalogues repeat from request
+    to request) instead of once per event, which was its largest cost."""
+    columns: list[Any] = [DecisionRow.__table__.c[name] for name in ["position", *DECISION_COLUMNS]]
+    if candidates_as_text:
+        columns = [c for c in columns if c.name != "candidates"]
+        columns.append(cast_(DecisionRow.candidates, Text).label("candidates_text"))
+    query = select(*columns).where(DecisionRow.policy == policy, DecisionRow.position > position)
     if since is not None:
         query = query.where(DecisionRow.created_at >= since)
     if until is not None:
         query = query.where(DecisionRow.created_at < until)
-    rows = session.execute(query.order_by(DecisionRow.position).limit(limit)).scalars()
-    decisions = [decision_as_dict(row) for row in rows]
+    rows = session.execute(query.order_by(DecisionRow.position).limit(limit))
+    decisions = [dict(row._mapping) for row in rows]
     by_event = {d["event_id"]: d for d in decisions}
     for d in decisions:
         d["rewards"] = []
