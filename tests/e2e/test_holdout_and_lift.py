@@ -8,7 +8,6 @@ import json
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from bandit_service.app import create_app
@@ -16,6 +15,7 @@ from bandit_service.cli import main
 from bandit_service.config import Settings
 from bandit_service.holdout import in_holdout
 from bandit_service.policy import load_policies
+from tests.e2e.asgi import asgi_client
 
 CANDIDATES = [{"id": c, "features": {"category": f"cat-{c}"}} for c in "abcd"]
 POLICY = """
@@ -41,11 +41,7 @@ def test_popularity_arm_and_lift_report(
     app = create_app(live)
 
     async def run() -> dict:
-        transport = httpx.ASGITransport(app=app)
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(transport=transport, base_url="http://test") as client,
-        ):
+        async with asgi_client(app) as client:
             arms = {"bandit": 0, "holdout": 0}
             for i in range(240):
                 user = f"user-{i % 120}"  # every user comes twice

@@ -19,6 +19,7 @@ import httpx
 
 from bandit_service.app import create_app
 from bandit_service.config import Settings
+from tests.e2e.asgi import asgi_client
 
 EVENTS = 2000
 CONCURRENCY = 25
@@ -86,11 +87,7 @@ def test_the_service_learns_the_best_candidate_per_context(
     app = create_app(live)
 
     async def run() -> None:
-        transport = httpx.ASGITransport(app=app)
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(transport=transport, base_url="http://test") as client,
-        ):
+        async with asgi_client(app) as client:
             await simulate(client, random.Random(20261122))
             status = await wait_until_caught_up(client, timeout=30)
             assert status["model"]["version"] > 1  # several checkpoints along the way
