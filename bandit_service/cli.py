@@ -1,10 +1,11 @@
-"""``bandit-service``: serve | migrate | train | report lift | check-policies."""
+"""``bandit-service``: serve | migrate | train | report lift | ope | check-policies."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from bandit_service.config import Settings
 from bandit_service.policy import PolicyError, load_policies
@@ -130,6 +131,60 @@ def _report_lift(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ope(args: argparse.Namespace) -> int:
+    import json
+
+    from bandit_service.ope import evaluate as ope
+    from bandit_service.ope.obd import read_action_distribution
+
+    stats = ope.LogStats()
+    targets: dict[str, ope.Target] = {}
+    try:
+        for spec in args.target or ["uniform"]:
+            targets[spec] = ope.parse_target(spec)
+        if args.from_obd:
+            if args.items is None:
+                raise ValueError("--from-obd needs --items (80, 34 or 46 in the OBD sample)")
+            rows = ope.rows_from_obd(args.from_obd, args.items, stats)
+            if args.target_distribution:
+                dist = read_action_distribution(args.target_distribution)
+                name = f"file:{Path(args.target_distribution).stem}"
+                targets[name] = ope.position_target(dist, args.items)
+        else:
+            from bandit_service.store.database import make_engine
+            from bandit_service.store.repository import iter_decisions
+            from bandit_service.timeutil import parse_instant
+
+            settings = Settings()
+            policies = load_policies(settings.policies_dir)
+            if args.policy not in policies:
+                raise ValueError(f"unknown policy {args.policy!r} (known: {', '.join(policies)})")
+            policy = policies[args.policy]
+            since = parse_instant(args.since) if args.since else None
+            until = parse_instant(args.until) if args.until else None
+            db = make_engine(settings.database_url)
+            rows = []
+            for batch in iter_decisions(db, policy.name, since, until):
+                rows.extend(ope.rows_from_decisions(batch, policy, stats))
+                print(f"\r  read {stats.decisions} decisions", end="", file=sys.stderr)
+            print(file=sys.stderr)
+            db.dispose()
+        print(f"  evaluating {len(targets)} target(s) on {len(rows)} rows...", file=sys.stderr)
+        results = ope.evaluate(rows, targets, args.estimators, args.replicates, args.seed)
+    except ValueError as exc:
+        print(f"bandit-service ope: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"log": vars(stats), "results": [r.as_dict() for r in results]},
+                         indent=2))  # fmt: skip
+    else:
+        print(ope.format_table(results, stats))
+    if args.plot:
+        ope.plot(results, args.plot, "off-policy estimates with 95% bootstrap intervals")
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
 def _check_policies(_args: argparse.Namespace) -> int:
     settings = Settings()
     for name, policy in load_policies(settings.policies_dir).items():
@@ -189,6 +244,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lift.add_argument("--seed", type=int, default=0)
     lift.set_defaults(func=_report_lift)
+
+    ope_parser = sub.add_parser("ope", help="off-policy evaluation of target policies")
+    source = ope_parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--policy", help="evaluate on this policy's logged decisions")
+    source.add_argument("--from-obd", metavar="CSV", help="an Open Bandit Dataset CSV")
+    ope_parser.add_argument("--items", type=int, help="number of items (with --from-obd)")
+    ope_parser.add_argument(
+        "--target-distribution", metavar="CSV",
+        help="with --from-obd: a target as item_id,position,probability rows",
+    )  # fmt: skip
+    ope_parser.add_argument("--since")
+    ope_parser.add_argument("--until")
+    ope_parser.add_argument(
+        "--target", action="append",
+        help="uniform | logging | popularity | vw:ARGS (repeatable; default uniform)",
+    )  # fmt: skip
+    ope_parser.add_argument(
+        "--estimators", nargs="+", default=["IPS", "SNIPS", "DM", "DR", "SwitchDR"]
+    )
+    ope_parser.add_argument("--replicates", type=_positive_int, default=1000)
+    ope_parser.add_argument("--seed", type=int, default=0)
+    ope_parser.add_argument("--json", action="store_true")
+    ope_parser.add_argument("--plot", metavar="PNG")
+    ope_parser.set_defaults(func=_ope)
 
     check = sub.add_parser("check-policies", help="validate the policy files and print them")
     check.set_defaults(func=_check_policies)

@@ -167,11 +167,12 @@ def parse_policy(name: str, raw: dict[str, Any], where: str = "<policy>") -> Pol
         raise _fail(where, "popularity_prior_strength must be positive")
     if not config.popularity_refresh_seconds >= 1:
         raise _fail(where, "popularity_refresh_seconds must be at least 1")
-    _check_vw_args(config.vw_args, where)
+    check_vw_args(config.vw_args, where)
     return config
 
 
-def _check_vw_args(vw_args: str, where: str) -> None:
+def check_vw_args(vw_args: str, where: str) -> None:
+    """Refuse VW arguments the service cannot run (see the policy reference)."""
     try:
         tokens = shlex.split(vw_args)
     except ValueError as exc:

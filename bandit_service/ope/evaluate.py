@@ -1,0 +1,349 @@
+"""Evaluate target policies on logged slot decisions: the store's log or an OBD file.
+
+Each logged *slot* is one row: the candidates eligible for it, the one shown, its logged
+probability and its reward (aggregated as the policy says; the default reward if none
+came). Multi-slot pages are evaluated per slot, under the assumption the slot rows share:
+a slot's reward depends on what is shown in it (not on the other slots), and the target
+policy sees the same eligible set the logging policy saw (earlier slots as logged). Rows
+logged with probability 1 (pins, holdout, baseline) cannot be reweighted: they are skipped
+and counted.
+
+Targets give, for every row, a distribution over its eligible candidates:
+``uniform``; ``logging`` (the logged distribution itself: the on-policy average);
+``popularity`` (the most rewarded candidate so far, progressively, in time order);
+``vw:ARGS`` (a VW ``cb_explore_adf`` configuration evaluated progressively: predict each
+row before learning from it, as Personalizer's offline evaluation did); and explicit
+per-row probabilities supplied from elsewhere.
+
+DM and DR use a reward model: the per-candidate mean reward, shrunk towards the overall
+mean (10 pseudo-rows), cross-fitted over two halves of the log so no row's own reward
+predicts it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bandit_service.domain import Candidate
+from bandit_service.ope.estimators import ESTIMATORS, Estimate, LoggedData
+from bandit_service.policy import PolicyConfig
+from bandit_service.rewards import counts_as_shown, slot_rewards
+
+SHRINKAGE_ROWS = 10.0
+
+
+@dataclass(frozen=True)
+class SlotRow:
+    key: str  # event id and slot
+    created_at: float
+    context: Mapping[str, Any]
+    slot: int
+    slot_features: Mapping[str, Any]
+    eligible: tuple[Candidate, ...]
+    chosen: int
+    propensity: float
+    reward: float
+    logged_pmf: tuple[float, ...] | None = None
+
+
+@dataclass
+class LogStats:
+    decisions: int = 0
+    rows: int = 0
+    skipped_deterministic: int = 0
+    skipped_not_shown: int = 0
+
+
+def rows_from_decisions(
+    decisions: Iterable[Mapping[str, Any]], policy: PolicyConfig, stats: LogStats
+) -> Iterable[SlotRow]:
+    """Slot rows from the service's decision log (decisions with their rewards)."""
+    for decision in decisions:
+        stats.decisions += 1
+        if not counts_as_shown(decision, policy):
+            stats.skipped_not_shown += 1
+            continue
+        features = {c["id"]: c.get("features") or {} for c in decision["candidates"]}
+        rewards = slot_rewards(decision, policy)
+        for slot, reward in zip(decision["slots"], rewards, strict=True):
+            if slot["probability"] >= 1.0:
+                stats.skipped_deterministic += 1
+                continue
+            ids = [cid for cid, _p in slot["pmf"]]
+            stats.rows += 1
+            yield SlotRow(
+                key=f"{decision['event_id']}/{slot['slot']}",
+                created_at=decision["created_at"],
+                context=decision["context"],
+                slot=slot["slot"],
+                slot_features=slot.get("slot_features") or {},
+                eligible=tuple(Candidate(cid, features.get(cid, {})) for cid in ids),
+                chosen=ids.index(slot["id"]),
+                propensity=slot["probability"],
+                reward=reward,
+                logged_pmf=tuple(p for _cid, p in slot["pmf"]),
+            )
+
+
+# -- targets: each maps the rows (in time order) to one distribution per row ----------------
+Target = Callable[[Sequence[SlotRow]], list[np.ndarray]]
+
+
+def uniform_target(rows: Sequence[SlotRow]) -> list[np.ndarray]:
+    return [np.full(len(r.eligible), 1.0 / len(r.eligible)) for r in rows]
+
+
+def logging_target(rows: Sequence[SlotRow]) -> list[np.ndarray]:
+    if any(r.logged_pmf is None for r in rows):
+        raise ValueError("the logging target needs each row's logged distribution")
+    return [np.asarray(r.logged_pmf, dtype=float) for r in rows]
+
+
+def popularity_target(rows: Sequence[SlotRow]) -> list[np.ndarray]:
+    """Deterministic: the eligible candidate with the best smoothed reward rate among the
+    rows *before* this one (ties: request order)."""
+    shown: dict[str, float] = defaultdict(float)
+    rewarded: dict[str, float] = defaultdict(float)
+    out = []
+    for row in rows:
+        scores = [(rewarded[c.id] + 1.0) / (shown[c.id] + 2.0) for c in row.eligible]
+        pmf = np.zeros(len(row.eligible))
+        pmf[int(np.argmax(scores))] = 1.0
+        out.append(pmf)
+        chosen = row.eligible[row.chosen].id
+        shown[chosen] += 1
+        rewarded[chosen] += row.reward
+    return out
+
+
+def vw_target(vw_args: str) -> Target:
+    """Progressive validation of a VW configuration: predict each row, then learn it."""
+    from bandit_service.learners.vw import VWLearner
+
+    def target(rows: Sequence[SlotRow]) -> list[np.ndarray]:
+        learner = VWLearner(vw_args)
+        out = []
+        for row in rows:
+            pmf = learner.scorer(row.context, row.eligible).pmf(
+                row.slot, row.slot_features, list(range(len(row.eligible)))
+            )
+            pmf_array = np.asarray(pmf, dtype=float)
+            out.append(pmf_array / pmf_array.sum())
+            learner.learn_slot(
+                row.context, row.slot, row.slot_features, list(row.eligible), row.chosen,
+                row.propensity, row.reward,
+            )  # fmt: skip
+        learner.close()
+        return out
+
+    return target
+
+
+def explicit_target(probabilities: Mapping[str, Mapping[str, float]]) -> Target:
+    """Probabilities supplied from elsewhere: row key -> {candidate id: probability}."""
+
+    def target(rows: Sequence[SlotRow]) -> list[np.ndarray]:
+        out = []
+        for row in rows:
+            given = probabilities.get(row.key)
+            if given is None:
+                raise ValueError(f"no target probabilities for row {row.key}")
+            out.append(np.asarray([given.get(c.id, 0.0) for c in row.eligible], dtype=float))
+        return out
+
+    return target
+
+
+def parse_target(spec: str) -> Target:
+    if spec == "uniform":
+        return uniform_target
+    if spec == "logging":
+        return logging_target
+    if spec == "popularity":
+        return popularity_target
+    if spec.startswith("vw:"):
+        from bandit_service.policy import PolicyError, check_vw_args
+
+        try:
+            check_vw_args(spec[3:], "target")
+        except PolicyError as exc:
+            raise ValueError(str(exc)) from None
+        return vw_target(spec[3:])
+    raise ValueError(f"unknown target {spec!r}: uniform, logging, popularity or vw:ARGS")
+
+
+# -- the reward model for DM / DR -----------------------------------------------------------
+def cross_fitted_model(rows: Sequence[SlotRow]) -> list[np.ndarray]:
+    """Per row, the predicted reward of each eligible candidate, from the *other* half."""
+    halves: list[tuple[dict[str, float], dict[str, float], float]] = []
+    for half in (0, 1):
+        sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, float] = defaultdict(float)
+        train = [r for i, r in enumerate(rows) if i % 2 != half]
+        mean = float(np.mean([r.reward for r in train])) if train else 0.0
+        for r in train:
+            cid = r.eligible[r.chosen].id
+            sums[cid] += r.reward
+            counts[cid] += 1
+        halves.append((sums, counts, mean))
+    out = []
+    for i, row in enumerate(rows):
+        sums, counts, mean = halves[i % 2]
+        out.append(
+            np.asarray(
+                [(sums[c.id] + SHRINKAGE_ROWS * mean) / (counts[c.id] + SHRINKAGE_ROWS)
+                 for c in row.eligible],
+                dtype=float,
+            )
+        )  # fmt: skip
+    return out
+
+
+@dataclass
+class Evaluation:
+    target: str
+    estimates: list[Estimate] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "estimates": [e.as_dict() for e in self.estimates]}
+
+
+def evaluate(
+    rows: Sequence[SlotRow],
+    targets: Mapping[str, Target],
+    estimators: Sequence[str] = ("IPS", "SNIPS", "DM", "DR", "SwitchDR"),
+    replicates: int = 1000,
+    seed: int = 0,
+) -> list[Evaluation]:
+    """Every target by every estimator, on the same rows (sorted by time)."""
+    if not rows:
+        raise ValueError("no rows to evaluate (nothing logged with probability < 1?)")
+    unknown = [e for e in estimators if e not in ESTIMATORS]
+    if unknown:
+        raise ValueError(f"unknown estimator(s) {unknown}; known: {sorted(ESTIMATORS)}")
+    ordered = sorted(rows, key=lambda r: r.created_at)
+    model = cross_fitted_model(ordered)
+    rewards = [r.reward for r in ordered]
+    propensities = [r.propensity for r in ordered]
+    q_logged = [m[r.chosen] for m, r in zip(model, ordered, strict=True)]
+    results = []
+    for name, target in targets.items():
+        dists = target(ordered)
+        data = LoggedData.of(
+            rewards,
+            propensities,
+            [d[r.chosen] for d, r in zip(dists, ordered, strict=True)],
+            q_logged,
+            [float(d @ m) for d, m in zip(dists, model, strict=True)],
+        )
+        evaluation = Evaluation(name)
+        for estimator in estimators:
+            evaluation.estimates.append(
+                ESTIMATORS[estimator]().estimate(data, replicates=replicates, seed=seed)
+            )
+        results.append(evaluation)
+    return results
+
+
+def format_table(results: Sequence[Evaluation], stats: LogStats | None = None) -> str:
+    lines = []
+    if stats is not None:
+        lines.append(
+            f"{stats.rows} slot rows from {stats.decisions} decisions; skipped "
+            f"{stats.skipped_deterministic} logged with probability 1 and "
+            f"{stats.skipped_not_shown} never shown"
+        )
+    header = f"{'target':<28}{'estimator':<10}{'value':>10}  {'95% interval (bootstrap)':<26}"
+    lines += [header + f"{'ESS':>9}{'max w':>9}"]
+    for result in results:
+        for e in result.estimates:
+            low, high = e.bootstrap_interval
+            interval = f"[{low:.5f}, {high:.5f}]"
+            lines.append(
+                f"{result.target:<28}{e.estimator:<10}{e.value:>10.5f}  {interval:<26}"
+                f"{e.effective_sample_size:>9.0f}{e.max_weight:>9.3g}"
+            )
+            for warning in e.warnings:
+                lines.append(f"{'':<38}! {warning}")
+    return "\n".join(lines)
+
+
+def plot(results: Sequence[Evaluation], path: str, title: str) -> None:
+    """A PNG of every estimate with its bootstrap interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values, lows, highs = [], [], [], []
+    for result in results:
+        for e in result.estimates:
+            labels.append(f"{result.target}\n{e.estimator}")
+            values.append(e.value)
+            lows.append(e.value - e.bootstrap_interval[0])
+            highs.append(e.bootstrap_interval[1] - e.value)
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(labels)), 4.5))
+    ax.errorbar(range(len(values)), values, yerr=[lows, highs], fmt="o", capsize=4)
+    ax.set_xticks(range(len(values)), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("value per slot")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- Open Bandit Dataset files -------------------------------------------------------------
+def rows_from_obd(
+    path: str, n_items: int, stats: LogStats, chunk_rows: int = 10_000
+) -> list[SlotRow]:
+    """Slot rows from an OBD CSV: every item is eligible at every position, the user
+    features become the ``user`` namespace, and the slot is the position (0-based)."""
+    from bandit_service.ope.obd import ReadStats, read_obd
+
+    items = tuple(Candidate(str(i)) for i in range(n_items))
+    read = ReadStats()
+    rows: list[SlotRow] = []
+    for chunk in read_obd(path, chunk_rows, read):
+        for r in chunk:
+            if not 0 <= r.item_id < n_items:
+                raise ValueError(f"{path}: item_id {r.item_id} outside 0..{n_items - 1}")
+            rows.append(
+                SlotRow(
+                    key=f"{len(rows)}/{r.position}",
+                    created_at=float(len(rows)),
+                    context={"user": {f"f{j}": v for j, v in enumerate(r.user_features)}},
+                    slot=r.position - 1,
+                    slot_features={},
+                    eligible=items,
+                    chosen=r.item_id,
+                    propensity=r.propensity,
+                    reward=r.click,
+                )
+            )
+    stats.rows += len(rows)
+    stats.decisions += read.rows
+    stats.skipped_deterministic += read.skipped_deterministic
+    return rows
+
+
+def position_target(distribution: Mapping[tuple[int, int], float], n_items: int) -> Target:
+    """A target given as item x position probabilities (e.g. OBD's derived BTS policy)."""
+
+    def target(rows: Sequence[SlotRow]) -> list[np.ndarray]:
+        by_position: dict[int, np.ndarray] = {}
+        out = []
+        for row in rows:
+            position = row.slot + 1
+            if position not in by_position:
+                by_position[position] = np.asarray(
+                    [distribution.get((i, position), 0.0) for i in range(n_items)]
+                )
+            out.append(by_position[position])
+        return out
+
+    return target
