@@ -142,7 +142,15 @@ def _ope(args: argparse.Namespace) -> int:
     try:
         for spec in args.target or ["uniform"]:
             targets[spec] = ope.parse_target(spec)
-        if args.from_obd:
+        if args.from_jsonl or args.from_dsjson:
+            from bandit_service.ope import files
+
+            rows = (
+                files.rows_from_jsonl(args.from_jsonl, stats)
+                if args.from_jsonl
+                else files.rows_from_dsjson(args.from_dsjson, stats)
+            )
+        elif args.from_obd:
             if args.items is None:
                 raise ValueError("--from-obd needs --items (80, 34 or 46 in the OBD sample)")
             rows = ope.rows_from_obd(args.from_obd, args.items, stats)
@@ -249,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = ope_parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--policy", help="evaluate on this policy's logged decisions")
     source.add_argument("--from-obd", metavar="CSV", help="an Open Bandit Dataset CSV")
+    source.add_argument("--from-jsonl", metavar="FILE", help="the project's JSON-lines schema")
+    source.add_argument("--from-dsjson", metavar="FILE", help="VW/Personalizer DSJSON")
     ope_parser.add_argument("--items", type=int, help="number of items (with --from-obd)")
     ope_parser.add_argument(
         "--target-distribution", metavar="CSV",

@@ -392,6 +392,43 @@ class DecisionService:
 
         return await asyncio.to_thread(compute)
 
+    async def ope(
+        self,
+        name: str,
+        targets: list[str],
+        since: float | None,
+        until: float | None,
+        replicates: int,
+    ) -> dict[str, Any]:
+        """Off-policy estimates of ``targets`` on a policy's logged decisions."""
+        from bandit_service.ope import evaluate as ope
+        from bandit_service.store.repository import iter_decisions
+
+        policy = self.policies.get(name)
+        if policy is None:
+            raise NotFound(f"unknown policy {name!r}", "name")
+        try:
+            parsed = {spec: ope.parse_target(spec) for spec in targets}
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), "target") from None
+
+        def compute() -> dict[str, Any]:
+            stats = ope.LogStats()
+            rows = [
+                row
+                for batch in iter_decisions(self.db, name, since, until)
+                for row in ope.rows_from_decisions(batch, policy, stats)
+            ]
+            if not rows:
+                raise InvalidRequest(
+                    "no logged slots to evaluate in this range (only probability-1 rows, or "
+                    "none at all)", "since",
+                )  # fmt: skip
+            results = ope.evaluate(rows, parsed, replicates=replicates)
+            return {"log": vars(stats), "results": [r.as_dict() for r in results]}
+
+        return await asyncio.to_thread(compute)
+
 
 def _resolve_slot(shown: list[str], slot: int | None, candidate_id: str | None) -> int:
     if candidate_id is not None:

@@ -232,6 +232,37 @@ async def get_lift(
     return json_response(report)
 
 
+@router.get(
+    "/v1/policies/{name}/ope",
+    responses=ERRORS,
+    summary="Off-policy estimates of target policies on this policy's log",
+    description=(
+        "`target` (repeatable): `uniform`, `logging`, `popularity` or `vw:ARGS` (evaluated "
+        "progressively). Every logged slot with probability < 1 is a row; IPS, SNIPS, DM, DR "
+        "and Switch-DR with normal and bootstrap 95% intervals, effective sample size, "
+        "largest weight and overlap warnings. `since`/`until`: ISO 8601 or UNIX seconds."
+    ),
+)
+async def get_ope(
+    name: str,
+    service: ServiceDep,
+    target: Annotated[list[str] | None, Query()] = None,
+    since: str | None = None,
+    until: str | None = None,
+    replicates: Annotated[int, Query(ge=1, le=5000)] = 500,
+) -> Response:
+    bounds: dict[str, float | None] = {}
+    for field, text in (("since", since), ("until", until)):
+        try:
+            bounds[field] = parse_instant(text) if text is not None else None
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), field) from None
+    report = await service.ope(
+        name, target or ["uniform", "logging"], bounds["since"], bounds["until"], replicates
+    )
+    return json_response(report)
+
+
 @router.get("/healthz", summary="The process is alive")
 async def healthz() -> Response:
     return json_response({"status": "ok"})

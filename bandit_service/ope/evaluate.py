@@ -173,6 +173,12 @@ def parse_target(spec: str) -> Target:
             check_vw_args(spec[3:], "target")
         except PolicyError as exc:
             raise ValueError(str(exc)) from None
+        from bandit_service.learners.vw import VWLearner
+
+        try:  # refuse arguments VW itself rejects now, not halfway through an evaluation
+            VWLearner(spec[3:]).close()
+        except Exception as exc:
+            raise ValueError(f"VW refused {spec[3:]!r}: {exc}") from None
         return vw_target(spec[3:])
     raise ValueError(f"unknown target {spec!r}: uniform, logging, popularity or vw:ARGS")
 

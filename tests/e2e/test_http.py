@@ -416,3 +416,22 @@ def test_rules_over_http(settings: Settings, policies_dir: Any) -> None:
         assert too_many.status_code == 422
         assert too_many.json()["error"]["field"] == "slots[1]"
         assert "no eligible candidate" in too_many.json()["error"]["message"]
+
+
+def test_off_policy_estimates_over_http(client: TestClient) -> None:
+    for i in range(60):
+        event = decide(client, event_id=f"ope-{i}")["event_id"]
+        if i % 3 == 0:
+            client.post(f"/v1/decisions/{event}/rewards", json={"value": 1})
+    response = client.get("/v1/policies/default/ope?target=uniform&target=logging&replicates=50")
+    assert response.status_code == 200, response.text
+    report = response.json()
+    assert report["log"]["rows"] == 60
+    assert [r["target"] for r in report["results"]] == ["uniform", "logging"]
+    logging_ips = report["results"][1]["estimates"][0]
+    assert logging_ips["estimator"] == "IPS" and logging_ips["value"] == pytest.approx(20 / 60)
+    bad = client.get("/v1/policies/default/ope?target=nonsense")
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "target"
+    vw_bad = client.get("/v1/policies/default/ope?target=vw:--cb_explore_adf%20--nonsense_flag")
+    assert vw_bad.status_code == 422
+    assert client.get("/v1/policies/nope/ope").status_code == 404

@@ -88,3 +88,51 @@ def test_the_ope_command_on_the_open_bandit_sample(capsys: pytest.CaptureFixture
     assert main(["ope", "--from-obd", str(OBD / "random/men/men.csv")]) == 2  # no --items
     assert main(["ope", "--from-obd", str(OBD / "random/men/men.csv"), "--items", "34",
                  "--target", "nonsense"]) == 2  # fmt: skip
+
+
+def test_json_lines_and_dsjson_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    own = tmp_path / "log.jsonl"
+    lines = []
+    for i in range(200):
+        chosen = "a" if i % 4 else "b"
+        lines.append(json.dumps({
+            "event_id": f"e{i}", "created_at": 1000.0 + i, "context": {"u": "x"},
+            "candidates": [{"id": "a", "features": {"t": 1}}, {"id": "b"}],
+            "chosen": chosen, "probability": 0.75 if chosen == "a" else 0.25,
+            "reward": 1.0 if chosen == "b" else 0.0, "pmf": [["a", 0.75], ["b", 0.25]],
+        }))  # fmt: skip
+    lines.append(json.dumps({"candidates": [{"id": "a"}], "chosen": "a", "probability": 1.0,
+                             "reward": 0.0}))  # fmt: skip
+    own.write_text("\n".join(lines) + "\n")
+    assert main(["ope", "--from-jsonl", str(own), "--target", "logging", "--target", "uniform",
+                 "--estimators", "IPS", "SNIPS", "--replicates", "50", "--json"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert report["log"] == {"decisions": 201, "rows": 200, "skipped_deterministic": 1,
+                             "skipped_not_shown": 0}  # fmt: skip
+    logging_ips, uniform_ips = (r["estimates"][0]["value"] for r in report["results"])
+    assert logging_ips == pytest.approx(50 / 200)  # the on-policy mean reward
+    assert uniform_ips == pytest.approx(0.5)  # b pays 1, a pays 0: uniform earns 1/2
+
+    dsjson = tmp_path / "log.dsjson"
+    events = []
+    for i in range(100):
+        chosen = i % 2  # 0-based action index
+        events.append(json.dumps({
+            "_label_cost": -1.0 if chosen == 1 else 0.0, "_label_probability": 0.5,
+            "_label_Action": chosen + 1, "_labelIndex": chosen, "EventId": f"d{i}",
+            "a": [chosen + 1, 2 - chosen], "p": [0.5, 0.5],
+            "c": {"User": {"age": 30},
+                  "_multi": [{"Item": {"kind": "x"}}, {"Item": {"kind": "y"}}]},
+        }))  # fmt: skip
+    events.append(json.dumps({"EventId": "unjoined", "a": [1], "p": [1.0], "c": {"_multi": [{}]}}))
+    dsjson.write_text("\n".join(events) + "\n")
+    assert main(["ope", "--from-dsjson", str(dsjson), "--target", "uniform",
+                 "--estimators", "IPS", "--replicates", "50", "--json"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert report["log"]["rows"] == 100 and report["log"]["skipped_not_shown"] == 1
+    assert report["results"][0]["estimates"][0]["value"] == pytest.approx(0.5)
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"candidates": [{"id": "a"}], "chosen": "a", "probability": 0}\n')
+    assert main(["ope", "--from-jsonl", str(broken)]) == 2
+    assert "line 1" in capsys.readouterr().err

@@ -1,0 +1,159 @@
+"""Logged decisions from files: the project's own JSON-lines schema and VW/Personalizer
+DSJSON. Both stream line by line; errors name the file and line.
+
+Own schema, one JSON object per line (one line per logged slot)::
+
+    {"event_id": "e1", "created_at": 1763800000.0, "slot": 0,
+     "context": {"device": "mobile", "user": {"segment": "sports"}},
+     "candidates": [{"id": "a", "features": {"topic": "x"}}, {"id": "b"}],
+     "chosen": "a", "probability": 0.7, "reward": 1.0,
+     "pmf": [["a", 0.7], ["b", 0.3]]}
+
+``pmf`` is optional (the ``logging`` target needs it); ``slot`` defaults to 0 and
+``created_at`` to the line number. ``bandit-service ope`` reads it with ``--from-jsonl``.
+
+DSJSON (``--from-dsjson``): Vowpal Wabbit's decision-service format, as Azure Personalizer
+logged it. Per line: ``c`` holds the shared features and ``_multi`` the actions' features,
+``a`` the actions (1-based) in ranked order with ``p`` their probabilities,
+``_labelIndex`` the chosen action (0-based), ``_label_probability`` its probability and
+``_label_cost`` its cost (reward = -cost). Lines without a cost (never joined to a reward)
+and multi-slot (CCB) lines are skipped and counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bandit_service.domain import Candidate
+from bandit_service.ope.evaluate import LogStats, SlotRow
+
+
+def _lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                value = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise ValueError(f"{path}, line {number}: not JSON ({exc})") from None
+            if not isinstance(value, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object")
+            yield number, value
+
+
+def _probability(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ValueError(f"{where}: probability must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def rows_from_jsonl(path: str | Path, stats: LogStats) -> list[SlotRow]:
+    rows = []
+    for number, line in _lines(path):
+        where = f"{path}, line {number}"
+        stats.decisions += 1
+        try:
+            candidates = tuple(
+                Candidate(str(c["id"]), c.get("features") or {}) for c in line["candidates"]
+            )
+            ids = [c.id for c in candidates]
+            chosen = ids.index(str(line["chosen"]))
+            probability = _probability(line["probability"], where)
+            reward = float(line["reward"])
+        except KeyError as exc:
+            raise ValueError(f"{where}: missing field {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if probability == 1.0:
+            stats.skipped_deterministic += 1
+            continue
+        pmf = None
+        if "pmf" in line:
+            given = {str(cid): float(p) for cid, p in line["pmf"]}
+            pmf = tuple(given.get(cid, 0.0) for cid in ids)
+        rows.append(
+            SlotRow(
+                key=f"{line.get('event_id', number)}/{line.get('slot', 0)}",
+                created_at=float(line.get("created_at", number)),
+                context=line.get("context") or {},
+                slot=int(line.get("slot", 0)),
+                slot_features=line.get("slot_features") or {},
+                eligible=candidates,
+                chosen=chosen,
+                propensity=probability,
+                reward=reward,
+                logged_pmf=pmf,
+            )
+        )
+    stats.rows += len(rows)
+    return rows
+
+
+def _vw_features(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """DSJSON features as the service's feature maps (nested objects are namespaces)."""
+    out: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name.startswith("_"):
+            continue
+        if isinstance(value, Mapping):
+            out[name] = {k: v for k, v in value.items() if isinstance(v, str | int | float)}
+        elif isinstance(value, str | int | float | list):
+            out[name] = value
+    return out
+
+
+def rows_from_dsjson(path: str | Path, stats: LogStats) -> list[SlotRow]:
+    rows = []
+    for number, line in _lines(path):
+        where = f"{path}, line {number}"
+        stats.decisions += 1
+        if "_outcomes" in line or "_label_cost" not in line:
+            stats.skipped_not_shown += 1  # multi-slot (CCB) or never joined to a reward
+            continue
+        try:
+            context = line["c"]
+            actions = context.get("_multi") or []
+            order = [int(a) for a in line["a"]]  # 1-based action ids, ranked
+            probabilities = [float(p) for p in line["p"]]
+            chosen = int(line["_labelIndex"])
+            probability = _probability(line["_label_probability"], where)
+            reward = -float(line["_label_cost"])
+        except KeyError as exc:
+            raise ValueError(f"{where}: missing field {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if len(order) != len(probabilities) or len(order) != len(actions):
+            raise ValueError(f"{where}: a, p and c._multi must have the same length")
+        if not 0 <= chosen < len(actions):
+            raise ValueError(f"{where}: _labelIndex {chosen} is not an action index")
+        if probability == 1.0:
+            stats.skipped_deterministic += 1
+            continue
+        pmf = [0.0] * len(actions)
+        for action, p in zip(order, probabilities, strict=True):
+            pmf[action - 1] = p
+        candidates = tuple(
+            Candidate(str(action.get("id", index)), _vw_features(action))
+            for index, action in enumerate(actions)
+        )
+        rows.append(
+            SlotRow(
+                key=str(line.get("EventId", number)),
+                created_at=float(number),
+                context=_vw_features(context),
+                slot=0,
+                slot_features={},
+                eligible=candidates,
+                chosen=chosen,
+                propensity=probability,
+                reward=reward,
+                logged_pmf=tuple(pmf),
+            )
+        )
+    stats.rows += len(rows)
+    return rows
