@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from bandit_service.config import Settings
 from bandit_service.policy import PolicyError, load_policies
@@ -168,6 +169,7 @@ def _ope(args: argparse.Namespace) -> int:
             if args.policy not in policies:
                 raise ValueError(f"unknown policy {args.policy!r} (known: {', '.join(policies)})")
             policy = policies[args.policy]
+            policy_file = settings.policies_dir / f"{policy.name}.toml"
             since = parse_instant(args.since) if args.since else None
             until = parse_instant(args.until) if args.until else None
             db = make_engine(settings.database_url)
@@ -177,6 +179,9 @@ def _ope(args: argparse.Namespace) -> int:
                 print(f"\r  read {stats.decisions} decisions", end="", file=sys.stderr)
             print(file=sys.stderr)
             db.dispose()
+        if args.sweep or args.importance:
+            return _ope_sweep(args, rows, policy_file if args.policy else None,
+                              policy.vw_args if args.policy else args.vw_args)  # fmt: skip
         print(f"  evaluating {len(targets)} target(s) on {len(rows)} rows...", file=sys.stderr)
         results = ope.evaluate(rows, targets, args.estimators, args.replicates, args.seed)
     except ValueError as exc:
@@ -190,6 +195,54 @@ def _ope(args: argparse.Namespace) -> int:
     if args.plot:
         ope.plot(results, args.plot, "off-policy estimates with 95% bootstrap intervals")
         print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _ope_sweep(
+    args: argparse.Namespace, rows: list[Any], policy_file: Path | None, current: str | None
+) -> int:
+    import json
+
+    from bandit_service.ope import sweep
+
+    if not current:
+        raise ValueError("--sweep and --importance need --policy, or --vw-args with a file")
+    report: dict[str, Any] = {}
+    if args.sweep:
+        grid = sweep.parse_grid(args.grid) if args.grid else sweep.DEFAULT_GRID
+        configs = sweep.configurations(current, grid)
+        print(f"  sweeping {len(configs)} configuration(s) on {len(rows)} rows...",
+              file=sys.stderr)  # fmt: skip
+        report["sweep"] = sweep.sweep(rows, current, configs)
+        recommended = report["sweep"]["recommended"]
+        if recommended and policy_file is not None:
+            out = Path(args.write_policy or f"{policy_file.stem}.recommended.toml")
+            sweep.write_recommended_policy(policy_file, recommended["vw_args"], out)
+            report["sweep"]["written_to"] = str(out)
+    if args.importance:
+        print("  leaving one namespace out at a time...", file=sys.stderr)
+        report["importance"] = sweep.feature_importance(rows, current)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    if "sweep" in report:
+        result = report["sweep"]
+        cur = result["current"]
+        print(f"current: {cur['vw_args']}\n  DR {cur['dr']:.5f} "
+              f"[{cur['interval_95'][0]:.5f}, {cur['interval_95'][1]:.5f}]")  # fmt: skip
+        for entry in result["ranked"]:
+            low, high = entry["interval_95"]
+            print(f"  DR {entry['dr']:.5f} [{low:.5f}, {high:.5f}]  {entry['vw_args']}")
+        chosen = result["recommended"]
+        print(
+            f"recommended: {chosen['vw_args']} (written to {result.get('written_to', '-')})"
+            if chosen
+            else "recommended: none (no interval's lower end beats the current estimate)"
+        )
+    for entry in report.get("importance", []):
+        low, high = entry["interval_95"]
+        print(f"namespaces {', '.join(entry['namespaces'])}: worth "
+              f"{entry['value_of_namespace']:+.5f} [{low:+.5f}, {high:+.5f}]")  # fmt: skip
     return 0
 
 
@@ -276,6 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     ope_parser.add_argument("--replicates", type=_positive_int, default=1000)
     ope_parser.add_argument("--seed", type=int, default=0)
     ope_parser.add_argument("--json", action="store_true")
+    ope_parser.add_argument("--sweep", action="store_true", help="rank a grid of VW configs")
+    ope_parser.add_argument(
+        "--grid", help='e.g. "epsilon=0.05,0.1 learning_rate=0.1,0.5 cb_type=mtr,dr '
+        'interactions=ca;ca sa" (default: epsilon 0.05,0.2 x cb_type mtr,dr)',
+    )  # fmt: skip
+    ope_parser.add_argument("--write-policy", metavar="TOML", help="where a recommendation goes")
+    ope_parser.add_argument("--importance", action="store_true",
+                            help="leave one namespace out at a time")  # fmt: skip
+    ope_parser.add_argument("--vw-args", help="the current configuration, for file sources")
     ope_parser.add_argument("--plot", metavar="PNG")
     ope_parser.set_defaults(func=_ope)
 

@@ -219,6 +219,27 @@ class Evaluation:
         return {"target": self.target, "estimates": [e.as_dict() for e in self.estimates]}
 
 
+class Prepared:
+    """Rows in time order with their cross-fitted reward model: computed once, shared by
+    every target evaluated on them (so their estimates are paired row by row)."""
+
+    def __init__(self, rows: Sequence[SlotRow]) -> None:
+        if not rows:
+            raise ValueError("no rows to evaluate (nothing logged with probability < 1?)")
+        self.rows = sorted(rows, key=lambda r: r.created_at)
+        self.model = cross_fitted_model(self.rows)
+
+    def data(self, target: Target) -> LoggedData:
+        dists = target(self.rows)
+        return LoggedData.of(
+            [r.reward for r in self.rows],
+            [r.propensity for r in self.rows],
+            [d[r.chosen] for d, r in zip(dists, self.rows, strict=True)],
+            [m[r.chosen] for m, r in zip(self.model, self.rows, strict=True)],
+            [float(d @ m) for d, m in zip(dists, self.model, strict=True)],
+        )
+
+
 def evaluate(
     rows: Sequence[SlotRow],
     targets: Mapping[str, Target],
@@ -227,26 +248,13 @@ def evaluate(
     seed: int = 0,
 ) -> list[Evaluation]:
     """Every target by every estimator, on the same rows (sorted by time)."""
-    if not rows:
-        raise ValueError("no rows to evaluate (nothing logged with probability < 1?)")
     unknown = [e for e in estimators if e not in ESTIMATORS]
     if unknown:
         raise ValueError(f"unknown estimator(s) {unknown}; known: {sorted(ESTIMATORS)}")
-    ordered = sorted(rows, key=lambda r: r.created_at)
-    model = cross_fitted_model(ordered)
-    rewards = [r.reward for r in ordered]
-    propensities = [r.propensity for r in ordered]
-    q_logged = [m[r.chosen] for m, r in zip(model, ordered, strict=True)]
+    prepared = Prepared(rows)
     results = []
     for name, target in targets.items():
-        dists = target(ordered)
-        data = LoggedData.of(
-            rewards,
-            propensities,
-            [d[r.chosen] for d, r in zip(dists, ordered, strict=True)],
-            q_logged,
-            [float(d @ m) for d, m in zip(dists, model, strict=True)],
-        )
+        data = prepared.data(target)
         evaluation = Evaluation(name)
         for estimator in estimators:
             evaluation.estimates.append(

@@ -136,3 +136,85 @@ def test_json_lines_and_dsjson_files(tmp_path: Path, capsys: pytest.CaptureFixtu
     broken.write_text('{"candidates": [{"id": "a"}], "chosen": "a", "probability": 0}\n')
     assert main(["ope", "--from-jsonl", str(broken)]) == 2
     assert "line 1" in capsys.readouterr().err
+
+
+SWEEP_POLICY = """
+holdout_share = 0
+reward_min = 0
+reward_max = 1
+# Logging explores almost uniformly; no interactions, so it cannot personalise.
+vw_args = "--cb_explore_adf --epsilon 0.9"
+"""
+
+
+def test_sweep_recommends_only_a_clear_winner_and_importance_ranks_namespaces(
+    settings: Settings, policies_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    (policies_dir / "sw.toml").write_text(SWEEP_POLICY)
+    topics = ["sports", "news", "food", "travel"]
+    candidates = tuple(Candidate(f"c-{t}", {"topic": t}) for t in topics)
+    rng = random.Random(8)
+
+    async def log() -> None:
+        service = DecisionService(
+            settings.model_copy(update={"trainer": "off"}), load_policies(policies_dir)
+        )
+        await service.start()
+        for i in range(1000):
+            segment = rng.choice(topics)
+            row = await service.decide(
+                DecisionRequest(
+                    f"s{i}", "sw", candidates, slot_list(1), {"user": {"segment": segment}}
+                )
+            )
+            if rng.random() < (0.9 if row["slots"][0]["id"] == f"c-{segment}" else 0.1):
+                await service.reward(f"s{i}", 1.0, 0, None)
+        await service.close()
+
+    asyncio.run(log())
+    monkeypatch.setenv("BANDIT_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("BANDIT_POLICIES_DIR", str(policies_dir))
+    out = tmp_path / "sw.recommended.toml"
+    assert main(["ope", "--policy", "sw", "--sweep", "--grid", "interactions=none;ua",
+                 "--write-policy", str(out), "--importance", "--json"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    recommended = report["sweep"]["recommended"]
+    assert recommended is not None and "-q ua" in recommended["vw_args"]
+    assert recommended["interval_95"][0] > report["sweep"]["current"]["dr"]
+    written = load_policies_from(out)
+    assert "-q ua" in written.vw_args and written.reward_max == 1  # other settings kept
+    # Without interactions nothing personalises: every candidate is best for a quarter of
+    # the users, so leaving any namespace out is worth about nothing.
+    for entry in report["importance"]:
+        assert entry["interval_95"][0] <= 0.02, entry
+    # With the user x candidate cross, both sides of it matter.
+    engine = make_engine(settings.database_url)
+    stats = ope.LogStats()
+    policy = load_policies(policies_dir)["sw"]
+    rows = [
+        row for batch in iter_decisions(engine, "sw")
+        for row in ope.rows_from_decisions(batch, policy, stats)
+    ]  # fmt: skip
+    engine.dispose()
+    from bandit_service.ope.sweep import feature_importance
+
+    importance = {
+        e["ignored_letter"]: e
+        for e in feature_importance(rows, "--cb_explore_adf --epsilon 0.05 -q ua")
+    }
+    assert importance["u"]["interval_95"][0] > 0 and importance["a"]["interval_95"][0] > 0
+    assert importance["u"]["namespaces"] == ["user"]
+
+    # With nothing better in the grid, nothing is recommended or written.
+    again = tmp_path / "none.toml"
+    assert main(["ope", "--policy", "sw", "--sweep", "--grid", "interactions=none",
+                 "--write-policy", str(again), "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["sweep"]["recommended"] is None
+    assert not again.exists()
+
+
+def load_policies_from(path: Path):  # type: ignore[no-untyped-def]
+    from bandit_service.policy import load_policy_file
+
+    return load_policy_file(path)

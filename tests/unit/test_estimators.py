@@ -152,3 +152,17 @@ def test_obd_reader_errors_name_the_line(tmp_path: Path) -> None:
     stats = ReadStats()
     assert sum(len(c) for c in read_obd(deterministic, stats=stats)) == 1
     assert stats.skipped_deterministic == 1
+
+
+def test_sweep_grids_and_configurations() -> None:
+    from bandit_service.ope.sweep import configurations, parse_grid
+
+    grid = parse_grid("epsilon=0.05,0.1 cb_type=mtr,dr interactions=ca sa;none")
+    assert grid == {"epsilon": ["0.05", "0.1"], "cb_type": ["mtr", "dr"],
+                    "interactions": ["ca sa", "none"]}  # fmt: skip
+    configs = configurations("--cb_explore_adf --epsilon 0.2 -q ca --cb_type mtr", grid)
+    assert len(configs) == 8
+    assert "--cb_explore_adf --epsilon 0.05 --cb_type mtr -q ca -q sa" in configs
+    assert "--cb_explore_adf --epsilon 0.1 --cb_type dr" in configs  # interactions: none
+    with pytest.raises(ValueError, match="KEY=V1,V2"):
+        parse_grid("bogus=1")
