@@ -140,6 +140,12 @@ def _ope(args: argparse.Namespace) -> int:
 
     stats = ope.LogStats()
     targets: dict[str, ope.Target] = {}
+
+    def progress(what: str, done: int, total: int) -> None:
+        print(f"\r  {what}: {done}/{total} rows", end="\n" if done == total else "",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    ope.PROGRESS = progress
     try:
         for spec in args.target or ["uniform"]:
             targets[spec] = ope.parse_target(spec)
@@ -183,7 +189,9 @@ def _ope(args: argparse.Namespace) -> int:
             return _ope_sweep(args, rows, policy_file if args.policy else None,
                               policy.vw_args if args.policy else args.vw_args)  # fmt: skip
         print(f"  evaluating {len(targets)} target(s) on {len(rows)} rows...", file=sys.stderr)
-        results = ope.evaluate(rows, targets, args.estimators, args.replicates, args.seed)
+        results = ope.evaluate(
+            rows, targets, args.estimators, args.replicates, args.seed, pages=args.pages
+        )
     except ValueError as exc:
         print(f"bandit-service ope: {exc}", file=sys.stderr)
         return 2
@@ -329,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     ope_parser.add_argument("--replicates", type=_positive_int, default=1000)
     ope_parser.add_argument("--seed", type=int, default=0)
     ope_parser.add_argument("--json", action="store_true")
+    ope_parser.add_argument(
+        "--pages", action="store_true", help="also whole-page IPS/SNIPS (multi-slot logs)"
+    )
     ope_parser.add_argument("--sweep", action="store_true", help="rank a grid of VW configs")
     ope_parser.add_argument(
         "--grid", help='e.g. "epsilon=0.05,0.1 learning_rate=0.1,0.5 cb_type=mtr,dr '

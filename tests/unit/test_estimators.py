@@ -166,3 +166,43 @@ def test_sweep_grids_and_configurations() -> None:
     assert "--cb_explore_adf --epsilon 0.1 --cb_type dr" in configs  # interactions: none
     with pytest.raises(ValueError, match="KEY=V1,V2"):
         parse_grid("bogus=1")
+
+
+def test_whole_page_estimates() -> None:
+    """Two-slot pages drawn uniformly (1/3 then 1/2): the logging policy's page IPS is the
+    mean page reward, and a target that always shows (a, b) is worth the pages that showed
+    exactly that, reweighted by 6."""
+    from bandit_service.domain import Candidate
+    from bandit_service.ope.evaluate import (
+        SlotRow,
+        logging_target,
+        page_estimates,
+    )
+
+    abc = (Candidate("a"), Candidate("b"), Candidate("c"))
+    rng = np.random.default_rng(3)
+    rows = []
+    page_rewards = []
+    always_ab = 0.0
+    for page in range(600):
+        first = int(rng.integers(0, 3))
+        rest = tuple(c for i, c in enumerate(abc) if i != first)
+        second = int(rng.integers(0, 2))
+        r1, r2 = float(rng.random() < 0.5), float(rng.random() < 0.3)
+        rows.append(SlotRow(f"p{page}/0", page, {}, 0, {}, abc, first, 1 / 3, r1,
+                            (1 / 3,) * 3))  # fmt: skip
+        rows.append(SlotRow(f"p{page}/1", page, {}, 1, {}, rest, second, 1 / 2, r2,
+                            (1 / 2,) * 2))  # fmt: skip
+        page_rewards.append(r1 + r2)
+        if abc[first].id == "a" and rest[second].id == "b":
+            always_ab += 6 * (r1 + r2)
+
+    def ab_target(slot_rows):  # type: ignore[no-untyped-def]
+        return [np.array([1.0 if c.id == ("a" if r.slot == 0 else "b") else 0.0
+                          for c in r.eligible]) for r in slot_rows]  # fmt: skip
+
+    results = page_estimates(rows, {"logging": logging_target, "ab": ab_target}, replicates=50)
+    logging_ips = results[0].estimates[0]
+    assert results[0].target == "logging (page)" and logging_ips.estimator == "IPS"
+    assert logging_ips.value == pytest.approx(np.mean(page_rewards))
+    assert results[1].estimates[0].value == pytest.approx(always_ab / 600)
