@@ -45,6 +45,21 @@ _FORBIDDEN_VW_OPTIONS = {
 }  # fmt: skip
 
 
+def without_options(tokens: list[str], options: set[str]) -> list[str]:
+    """VW argument tokens minus ``options`` and their values (``--opt v`` or ``--opt=v``)."""
+    kept: list[str] = []
+    skip_value = False
+    for token in tokens:
+        if skip_value:
+            skip_value = False
+            continue
+        if token.split("=", 1)[0] in options:
+            skip_value = "=" not in token
+            continue
+        kept.append(token)
+    return kept
+
+
 class PolicyError(ValueError):
     """A policy file is invalid; the message names the file and the key."""
 
@@ -86,20 +101,11 @@ class PolicyConfig:
         ``--epsilon`` changed); a different key (features, interactions, reductions) needs
         a new model, warm-started by replaying the logged history.
         """
-        tokens = shlex.split(self.vw_args)
-        kept: list[str] = []
-        skip_value = False
-        for token in tokens:
-            if skip_value:
-                skip_value = False
-                continue
-            option = token.split("=", 1)[0]
-            if option in _EXPLORATION_ONLY_OPTIONS:
-                skip_value = "=" not in token
-                continue
-            if option in _FLAGS_WITHOUT_MODEL_MEANING:
-                continue
-            kept.append(token)
+        kept = [
+            token
+            for token in without_options(shlex.split(self.vw_args), _EXPLORATION_ONLY_OPTIONS)
+            if token not in _FLAGS_WITHOUT_MODEL_MEANING
+        ]
         return hashlib.sha256(" ".join(kept).encode()).hexdigest()[:12]
 
     @property

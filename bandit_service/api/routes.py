@@ -68,6 +68,17 @@ def _slot_out(slot: dict[str, Any], include_pmf: bool) -> dict[str, Any]:
     return out
 
 
+def time_bounds(since: str | None, until: str | None) -> dict[str, float | None]:
+    """``since``/``until`` query values as UNIX seconds; a bad one is a 422 naming it."""
+    bounds: dict[str, float | None] = {}
+    for field, text in (("since", since), ("until", until)):
+        try:
+            bounds[field] = parse_instant(text) if text is not None else None
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), field) from None
+    return bounds
+
+
 def decision_out(row: dict[str, Any], include_pmf: bool) -> dict[str, Any]:
     return {
         "event_id": row["event_id"],
@@ -222,12 +233,7 @@ async def get_lift(
     replicates: Annotated[int, Query(ge=1, le=5000)] = 500,
     period_seconds: Annotated[float, Query(ge=60, le=366 * 86400)] = 86400,
 ) -> Response:
-    bounds: dict[str, float | None] = {}
-    for field, text in (("since", since), ("until", until)):
-        try:
-            bounds[field] = parse_instant(text) if text is not None else None
-        except ValueError as exc:
-            raise InvalidRequest(str(exc), field) from None
+    bounds = time_bounds(since, until)
     report = await service.lift(name, bounds["since"], bounds["until"], replicates, period_seconds)
     return json_response(report)
 
@@ -251,12 +257,7 @@ async def get_ope(
     until: str | None = None,
     replicates: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> Response:
-    bounds: dict[str, float | None] = {}
-    for field, text in (("since", since), ("until", until)):
-        try:
-            bounds[field] = parse_instant(text) if text is not None else None
-        except ValueError as exc:
-            raise InvalidRequest(str(exc), field) from None
+    bounds = time_bounds(since, until)
     report = await service.ope(
         name, target or ["uniform", "logging"], bounds["since"], bounds["until"], replicates
     )

@@ -26,6 +26,7 @@ import numpy as np
 
 from bandit_service.ope.estimators import DR, Z95
 from bandit_service.ope.evaluate import Prepared, SlotRow, parse_target
+from bandit_service.policy import without_options
 
 # grid key -> the VW option it sets (interactions: a space-separated list of crosses)
 GRID_OPTIONS = {
@@ -66,18 +67,7 @@ def configurations(base: str, grid: Mapping[str, Sequence[str]]) -> list[str]:
         replaced |= {"-q", "--quadratic", "--interactions"}
     if "learning_rate" in grid:
         replaced |= {"-l", "--learning_rate"}
-    tokens = shlex.split(base)
-    kept: list[str] = []
-    skip = False
-    for token in tokens:
-        if skip:
-            skip = False
-            continue
-        option = token.split("=", 1)[0]
-        if option in replaced and option in _REPLACED:
-            skip = "=" not in token
-            continue
-        kept.append(token)
+    kept = without_options(shlex.split(base), replaced & _REPLACED)
     out = []
     for values in itertools.product(*(grid[k] for k in keys)):
         extra: list[str] = []
