@@ -10,8 +10,10 @@ from fastapi import FastAPI
 from sqlalchemy import Engine
 
 from bandit_service import __version__
+from bandit_service.api.auth import install_auth
 from bandit_service.api.errors import BodySizeLimit, install_error_handlers
 from bandit_service.api.routes import router
+from bandit_service.apikeys import load_keyring
 from bandit_service.config import Settings
 from bandit_service.policy import load_policies
 from bandit_service.service import DecisionService
@@ -21,6 +23,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     """Build the app. Policies are loaded (and validated) now, so bad config fails at start."""
     settings = settings or Settings()
     policies = load_policies(settings.policies_dir)
+    keyring = load_keyring(settings, policies)  # bad key config fails at start, too
     service = DecisionService(settings, policies, engine=engine)
 
     @asynccontextmanager
@@ -47,6 +50,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.service = service
     app.include_router(router)
     install_error_handlers(app)
+    install_auth(app, keyring, settings.max_body_bytes)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app
 

@@ -1,4 +1,4 @@
-"""``bandit-service``: serve | migrate | train | report lift | ope | check-policies."""
+"""``bandit-service``: serve | migrate | train | report lift | ope | check-policies | keys."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bandit_service.apikeys import KeyConfigError
 from bandit_service.config import Settings
 from bandit_service.policy import PolicyError, load_policies
 
@@ -16,7 +17,9 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = Settings()
-    load_policies(settings.policies_dir)  # fail here, once, with a clear message
+    policies = load_policies(settings.policies_dir)  # fail here, once, with a clear message
+    if not _access_allows(settings, policies, args.host):
+        return 2
     if args.migrate:
         _migrate(args)
     uvicorn.run(
@@ -28,6 +31,84 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         access_log=args.access_log,
     )
+    return 0
+
+
+def _access_allows(settings: Settings, policies: Any, host: str) -> bool:
+    """Keys are valid; without keys only a loopback address may be bound (say which)."""
+    from bandit_service.api.auth import access_summary
+    from bandit_service.apikeys import is_loopback, load_keyring
+
+    keyring = load_keyring(settings, policies)
+    if not keyring.configured and not is_loopback(host):
+        print(
+            f"bandit-service: refusing to serve on {host} without API keys: anyone who can "
+            "reach that address could decide, read and administer. Configure keys "
+            "(`bandit-service keys create`, BANDIT_API_KEYS_FILE; see docs/security.md) or "
+            "bind a loopback address (--host 127.0.0.1).",
+            file=sys.stderr,
+        )
+        return False
+    print(f"bandit-service: {access_summary(keyring)}", file=sys.stderr)
+    return True
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    import json
+
+    from bandit_service.apikeys import create_key, entry_toml, make_entry
+
+    key = create_key()
+    entry = make_entry(
+        key,
+        name=args.name,
+        scopes=sorted(set(args.scope), key=args.scope.index),
+        policies=args.policy,
+        rate_per_second=args.rate,
+        burst=args.burst,
+    ).model_dump(exclude_none=True)
+    if args.json:
+        print(json.dumps({"key": key, "entry": entry}, indent=2))
+        return 0
+    print(f"# key for {args.name!r}, shown only now (give it to the client, keep it secret):")
+    print(f"# {key}")
+    print("# entry for BANDIT_API_KEYS_FILE (it holds only the key's hash):")
+    print(entry_toml(entry), end="")
+    return 0
+
+
+def _keys_hash(_args: argparse.Namespace) -> int:
+    """Hash a key read from stdin (never from argv: argv lands in shell history and ps)."""
+    from bandit_service.apikeys import hash_key
+
+    if sys.stdin.isatty():
+        import getpass
+
+        key = getpass.getpass("API key (not echoed): ")
+    else:
+        key = sys.stdin.readline()
+    key = key.strip()
+    if not key:
+        print("bandit-service keys hash: no key on stdin", file=sys.stderr)
+        return 2
+    print(hash_key(key))
+    return 0
+
+
+def _keys_list(_args: argparse.Namespace) -> int:
+    settings = Settings()
+    from bandit_service.apikeys import load_keyring
+
+    keyring = load_keyring(settings, load_policies(settings.policies_dir))
+    if not keyring.configured:
+        print("no API keys configured (serving is limited to loopback addresses)")
+    for _, p in keyring.principals:
+        rate = "unlimited" if p.limits.rate_per_second is None else (
+            f"{p.limits.rate_per_second:g}/s burst {p.limits.burst}")  # fmt: skip
+        print(f"{p.name}: scopes {', '.join(sorted(p.scopes))}; policies "
+              f"{p.describe_policies()}; rate {rate}; body <= {p.limits.max_body_bytes} B, "
+              f"<= {p.limits.max_candidates} candidates, <= "
+              f"{p.limits.max_features_per_candidate} features each")  # fmt: skip
     return 0
 
 
@@ -354,6 +435,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-policies", help="validate the policy files and print them")
     check.set_defaults(func=_check_policies)
+
+    keys = sub.add_parser("keys", help="API keys: create, hash, list (see docs/security.md)")
+    keys_sub = keys.add_subparsers(dest="keys", required=True)
+    create = keys_sub.add_parser("create", help="print a new key and its key-file entry")
+    create.add_argument("--name", required=True, help="shown in errors and logs")
+    create.add_argument(
+        "--scope", action="append", required=True, choices=["decide", "read", "admin"],
+        help="repeatable",
+    )  # fmt: skip
+    create.add_argument("--policy", action="append", help="restrict to this policy (repeatable)")
+    create.add_argument("--rate", type=float, help="requests per second (per process)")
+    create.add_argument("--burst", type=_positive_int, help="token bucket size")
+    create.add_argument("--json", action="store_true", help="print {key, entry} as JSON")
+    create.set_defaults(func=_keys_create)
+    hash_parser = keys_sub.add_parser("hash", help="hash a key read from stdin")
+    hash_parser.set_defaults(func=_keys_hash)
+    list_parser = keys_sub.add_parser("list", help="check and list the configured keys")
+    list_parser.set_defaults(func=_keys_list)
     return parser
 
 
@@ -365,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except PolicyError as exc:
         print(f"bandit-service: policy error: {exc}", file=sys.stderr)
+        return 2
+    except KeyConfigError as exc:
+        print(f"bandit-service: API key configuration: {exc}", file=sys.stderr)
         return 2
 
 

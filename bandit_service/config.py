@@ -51,6 +51,28 @@ class Settings(BaseSettings):
         default=None,
         description="HMAC key for user ids; unset: a random key is made and kept in the store.",
     )
+    # -- access (bandit_service/apikeys.py, docs/security.md) ---------------------------
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="TOML or JSON file of API keys (hashes, scopes, policies, limits).",
+    )
+    api_keys: str | None = Field(
+        default=None, description="API keys as inline JSON, the same entries as the file."
+    )
+    max_features_per_candidate: int = Field(
+        default=200,
+        ge=1,
+        le=200,  # bandit_service.api.features.MAX_FEATURES, the schema's hard cap
+        description="Features per candidate (nested names count one each); keys may narrow.",
+    )
+    key_rate_per_second: float | None = Field(
+        default=None,
+        gt=0,
+        description="Default request rate of a key without its own (per process); None: none.",
+    )
+    key_rate_burst: int | None = Field(
+        default=None, ge=1, description="Default bucket size; None: max(1, rate)."
+    )
 
     @field_validator("database_url")
     @classmethod

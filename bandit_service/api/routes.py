@@ -10,6 +10,7 @@ import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
+from bandit_service.api.auth import Principal, admit_candidates, require
 from bandit_service.api.schemas import (
     EVENT_ID_PATTERN,
     ActivationOut,
@@ -32,7 +33,21 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "Unknown event or resource"},
     413: {"model": ErrorOut, "description": "Request body too large"},
     422: {"model": ErrorOut, "description": "Invalid field (the error names it)"},
+    **{
+        status: {"model": ErrorOut, "description": what}
+        for status, what in (
+            (401, "No API key, or not a valid one"),
+            (403, "The key lacks this endpoint's scope, or may not use this policy"),
+            (429, "The key's request rate is exceeded (see Retry-After)"),
+        )
+    },
 }
+# Access (bandit_service/api/auth.py): every route names the scope it needs.
+DecideKey = Annotated[Principal, Depends(require("decide"))]
+ReadKey = Annotated[Principal, Depends(require("read"))]
+DECIDE_ON_EVENT = [Depends(require("decide", event_param="event_id"))]
+READ_EVENT = [Depends(require("read", event_param="event_id"))]
+READ_POLICY = [Depends(require("read", policy_param="name"))]
 
 
 async def get_service(request: Request) -> DecisionService:
@@ -107,8 +122,10 @@ def decision_out(row: dict[str, Any], include_pmf: bool) -> dict[str, Any]:
 async def decide(
     body: DecisionIn,
     service: ServiceDep,
+    principal: DecideKey,
     include: Annotated[str | None, Query(pattern="^pmf$")] = None,
 ) -> Response:
+    admit_candidates(principal, body.policy, [c.features for c in body.candidates])
     policy = service.engine.policy(body.policy)
     slots = slot_list(
         policy.slots
@@ -137,6 +154,7 @@ async def decide(
     response_model=RewardOut,
     status_code=201,
     responses=ERRORS,
+    dependencies=DECIDE_ON_EVENT,
     summary="Report a reward for one slot of a decision",
     description=(
         "Give `slot` (index) or `id` (the candidate shown); neither means slot 0. Several "
@@ -155,6 +173,7 @@ async def reward(event_id: str, body: RewardIn, service: ServiceDep) -> Response
     "/v1/decisions/{event_id}/activate",
     response_model=ActivationOut,
     responses=ERRORS,
+    dependencies=DECIDE_ON_EVENT,
     summary="Activate a deferred decision (it was really shown)",
 )
 async def activate(event_id: str, service: ServiceDep) -> Response:
@@ -167,6 +186,7 @@ async def activate(event_id: str, service: ServiceDep) -> Response:
 @router.get(
     "/v1/decisions/{event_id}",
     responses=ERRORS,
+    dependencies=READ_EVENT,
     summary="Read a logged decision back, with its rewards",
 )
 async def get_decision(event_id: str, service: ServiceDep) -> Response:
@@ -194,14 +214,17 @@ async def get_decision(event_id: str, service: ServiceDep) -> Response:
     return json_response(out)
 
 
-@router.get("/v1/policies", summary="List the configured policies")
-async def list_policies(service: ServiceDep) -> Response:
-    return json_response({"policies": [p.to_dict() for p in service.policies.values()]})
+@router.get("/v1/policies", responses=ERRORS, summary="List the configured policies")
+async def list_policies(service: ServiceDep, principal: ReadKey) -> Response:
+    """A key restricted to some policies sees only those."""
+    visible = [p for p in service.policies.values() if principal.allows_policy(p.name)]
+    return json_response({"policies": [p.to_dict() for p in visible]})
 
 
 @router.get(
     "/v1/policies/{name}",
     responses=ERRORS,
+    dependencies=READ_POLICY,
     summary="A policy's configuration, model version, counts and trainer lag",
 )
 async def get_policy(name: str, service: ServiceDep) -> Response:
@@ -214,6 +237,7 @@ async def get_policy(name: str, service: ServiceDep) -> Response:
 @router.get(
     "/v1/policies/{name}/lift",
     responses=ERRORS,
+    dependencies=READ_POLICY,
     summary="Lift of the learned policy over the popularity holdout",
     description=(
         "Per arm: decisions, users, mean reward per decision and per user, guardrails "
@@ -241,6 +265,7 @@ async def get_lift(
 @router.get(
     "/v1/policies/{name}/ope",
     responses=ERRORS,
+    dependencies=READ_POLICY,
     summary="Off-policy estimates of target policies on this policy's log",
     description=(
         "`target` (repeatable): `uniform`, `logging`, `popularity` or `vw:ARGS` (evaluated "
