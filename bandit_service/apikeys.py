@@ -37,6 +37,7 @@ import hashlib
 import hmac
 import json
 import math
+import re
 import secrets
 import threading
 import time
@@ -61,6 +62,7 @@ SCOPE_MEANING = {
 KEY_PREFIX = "bsk_"  # makes leaked keys easy for secret scanners to spot
 HASH_PREFIX = "sha256:"
 HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"
+RAW_KEY = re.compile(re.escape(KEY_PREFIX) + r"[A-Za-z0-9_-]{43}")  # what create_key makes
 MAX_KEY_LENGTH = 512  # longer header values are not keys; refuse before hashing them
 
 
@@ -269,6 +271,12 @@ def read_key_file(path: Path) -> list[KeyEntry]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise KeyConfigError(f"cannot read BANDIT_API_KEYS_FILE {where}: {exc.strerror}") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if RAW_KEY.search(line):
+            raise KeyConfigError(
+                f"{where}: line {number} holds what looks like a raw API key; the key file "
+                "must hold only hashes (remove that line)"
+            )
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:

@@ -70,9 +70,10 @@ def _keys_create(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"key": key, "entry": entry}, indent=2))
         return 0
-    print(f"# key for {args.name!r}, shown only now (give it to the client, keep it secret):")
-    print(f"# {key}")
-    print("# entry for BANDIT_API_KEYS_FILE (it holds only the key's hash):")
+    # The key goes to the terminal (stderr), the entry to stdout: `keys create >> keys.toml`
+    # appends the entry and never writes the key into the file.
+    print(f"key for {args.name!r}, shown only now (give it to the client, keep it secret):\n"
+          f"{key}", file=sys.stderr)  # fmt: skip
     print(entry_toml(entry), end="")
     return 0
 

@@ -429,10 +429,10 @@ def test_keys_are_kept_only_as_hashes(
     """The raw key leaves `keys create` once and appears in no config, log or response."""
     assert cli.main(["keys", "create", "--name", "web", "--scope", "decide",
                      "--scope", "read", "--rate", "100"]) == 0  # fmt: skip
-    printed = capsys.readouterr().out
-    key = next(line[2:] for line in printed.splitlines() if line.startswith("# bsk_"))
-    entry = printed[printed.index("[[keys]]") :]
-    assert key not in entry
+    printed = capsys.readouterr()
+    key = printed.err.splitlines()[-1]
+    entry = printed.out  # what `keys create >> keys.toml` appends
+    assert key.startswith("bsk_") and key not in entry and entry.startswith("[[keys]]")
     key_file = tmp_path / "keys.toml"
     key_file.write_text(entry)
 

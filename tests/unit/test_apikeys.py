@@ -140,6 +140,17 @@ def test_unreadable_file(tmp_path: Path) -> None:
         load_keyring(Settings(api_keys_file=bad))
 
 
+def test_a_raw_key_in_the_key_file_is_refused(tmp_path: Path) -> None:
+    key = create_key()
+    key_file = tmp_path / "keys.toml"
+    key_file.write_text(
+        f'# the key: {key}\n[[keys]]\nname = "w"\nhash = "{hash_key(key)}"\nscopes = ["read"]\n'
+    )
+    with pytest.raises(KeyConfigError, match="line 1 holds what looks like a raw API key") as info:
+        load_keyring(Settings(api_keys_file=key_file))
+    assert key not in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("host", "loopback"),
     [
