@@ -187,11 +187,12 @@ def admit_candidates(
     """The policy, the number of candidates and the features of each, against the key."""
     admit_policy(principal, policy)
     limits = principal.limits
-    whose = "" if principal.anonymous else f" of key {principal.name!r}"
+    keyed = not principal.anonymous
+    whose = f" of key {principal.name!r}" if keyed else ""
     if len(candidate_features) > limits.max_candidates:
         raise InvalidRequest(
             f"{len(candidate_features)} candidates exceed the limit{whose} of "
-            f"{limits.max_candidates}",
+            f"{limits.max_candidates}" + ("" if keyed else " (BANDIT_MAX_CANDIDATES)"),
             field,
         )
     for i, features in enumerate(candidate_features):
@@ -199,7 +200,8 @@ def admit_candidates(
         if count > limits.max_features_per_candidate:
             raise InvalidRequest(
                 f"{count} features exceed the limit{whose} of "
-                f"{limits.max_features_per_candidate} per candidate",
+                f"{limits.max_features_per_candidate} per candidate"
+                + ("" if keyed else " (BANDIT_MAX_FEATURES_PER_CANDIDATE)"),
                 f"{field}[{i}].features",
             )
 

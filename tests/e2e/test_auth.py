@@ -383,6 +383,25 @@ def test_without_keys_only_loopback_clients(sqlite_settings: Settings) -> None:
     asyncio.run(run())
 
 
+def test_global_limits_apply_without_keys(sqlite_settings: Settings) -> None:
+    settings = sqlite_settings.model_copy(update={"max_features_per_candidate": 2})
+    app = create_app(settings)
+
+    async def run() -> None:
+        async with asgi_client(app) as client:
+            wide = [{"id": "a", "features": {"x": 1, "y": 2}}, {"id": "b", "features": {"u": {
+                "x": 1, "y": 2, "z": 3}}}]  # fmt: skip
+            refused = await client.post("/v1/decisions", json={"candidates": wide})
+            assert refused.status_code == 422
+            error = refused.json()["error"]
+            assert error["field"] == "candidates[1].features"
+            assert "BANDIT_MAX_FEATURES_PER_CANDIDATE" in error["message"]
+            ok = await client.post("/v1/decisions", json={"candidates": wide[:1]})
+            assert ok.status_code == 200
+
+    asyncio.run(run())
+
+
 def test_serve_refuses_other_addresses_without_keys(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
