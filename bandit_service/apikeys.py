@@ -172,6 +172,7 @@ def retry_after_header(wait_seconds: float) -> str:
 class KeyRing:
     """The configured keys of one process, and their rate buckets."""
 
+    defaults: Limits  # the global limits; a key's own can only be narrower
     principals: list[tuple[bytes, Principal]] = field(default_factory=list)
     anonymous: Principal | None = None
     source: str = ""
@@ -314,7 +315,7 @@ def build_keyring(
     """Check entries against each other, the global limits and the known policies."""
     base = global_limits(settings)
     known = set(known_policies) if known_policies is not None else None
-    ring = KeyRing(source=source)
+    ring = KeyRing(defaults=base, source=source)
     names: set[str] = set()
     hashes: set[str] = set()
     for entry in entries:

@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.service = service
     app.include_router(router)
     install_error_handlers(app)
-    install_auth(app, keyring, settings.max_body_bytes)
+    install_auth(app, keyring)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app
 

@@ -261,8 +261,9 @@ class Require:
         return principal
 
     async def _check_body_size(self, request: Request, principal: Principal) -> None:
+        keyring: KeyRing = request.app.state.keyring
         limit = principal.limits.max_body_bytes
-        if principal.anonymous or limit >= request.app.state.keyring_global_body_limit:
+        if limit >= keyring.defaults.max_body_bytes:
             return  # the BodySizeLimit middleware already enforces the global limit
         length = request.headers.get("content-length")
         size = int(length) if length and length.isdigit() else len(await request.body())
@@ -310,10 +311,9 @@ def access_summary(keyring: KeyRing) -> str:
     return f"{len(keyring.principals)} API key(s) from {keyring.source}: {names}"
 
 
-def install_auth(app: FastAPI, keyring: KeyRing, global_body_limit: int) -> None:
+def install_auth(app: FastAPI, keyring: KeyRing) -> None:
     """Make ``require`` work on ``app``: the keyring and the handler of ``AuthError``."""
     app.state.keyring = keyring
-    app.state.keyring_global_body_limit = global_body_limit
 
     @app.exception_handler(AuthError)
     async def _on_auth_error(_request: Request, exc: AuthError) -> Response:

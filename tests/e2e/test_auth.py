@@ -238,6 +238,9 @@ def test_key_headers(sqlite_settings: Settings) -> None:
             )
             assert mixed.status_code == 401
             assert "one key" in mixed.json()["error"]["message"]
+            # The key is checked before the body's fields: no key, invalid body -> 401.
+            invalid = await client.post("/v1/decisions", json={"candidates": "nope"})
+            assert invalid.status_code == 401
             missing = await client.get("/v1/policies")
             assert missing.json()["error"]["code"] == "unauthorized"
             assert "X-API-Key" in missing.json()["error"]["message"]
