@@ -70,9 +70,17 @@ from bandit_service.store.models import DecisionRow
 log = logging.getLogger(__name__)
 
 KEY_HEADERS = ("Authorization: Bearer <key>", "X-API-Key", "Ocp-Apim-Subscription-Key")
-_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`")
-_x_api_key = APIKeyHeader(name="X-API-Key", auto_error=False)
-_ocp_key = APIKeyHeader(name="Ocp-Apim-Subscription-Key", auto_error=False)
+# Declared as FastAPI security schemes so /docs offers "Authorize" with each of them.
+_bearer = HTTPBearer(
+    scheme_name="Bearer", auto_error=False, description="`Authorization: Bearer <key>`"
+)
+_x_api_key = APIKeyHeader(name="X-API-Key", scheme_name="X-API-Key", auto_error=False)
+_ocp_key = APIKeyHeader(
+    name="Ocp-Apim-Subscription-Key",
+    scheme_name="Ocp-Apim-Subscription-Key",
+    auto_error=False,
+    description="The header Azure Personalizer clients send",
+)
 
 
 class AuthError(Exception):
