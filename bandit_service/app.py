@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 
 from bandit_service import __version__
 from bandit_service.api.errors import BodySizeLimit, install_error_handlers
+from bandit_service.api.personalizer import router as personalizer_router
 from bandit_service.api.routes import router
 from bandit_service.config import Settings
 from bandit_service.policy import load_policies
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     app.state.service = service
     app.include_router(router)
+    app.include_router(personalizer_router)  # Azure Personalizer-compatible facade
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -39,6 +39,31 @@ class ModelRegistry:
     def loaded_at(self, name: str) -> float:
         return self._loaded_at[name]
 
+    def set_policy(self, policy: PolicyConfig) -> None:
+        """Serve ``policy`` from now on (a new or changed policy file).
+
+        Same VW arguments: the current model stays. Otherwise the newest checkpoint of the
+        new lineage (``model_key``) is loaded under the new arguments, or a fresh model
+        starts when that lineage has none yet (the trainer then warm-starts it by replaying
+        the log); an exploration-only change keeps the lineage and so the learned weights.
+        """
+        with self._refresh_lock:
+            old = self._policies.get(policy.name)
+            self._policies = {**self._policies, policy.name: policy}
+            if old is not None and old.vw_args == policy.vw_args:
+                return
+            with Session(self._db) as session:
+                full = repository.latest_checkpoint(
+                    session, policy.name, policy.model_key, with_model=True
+                )
+            learner = (
+                VWLearner(policy.vw_args, full["model"], full["model_version"])
+                if full is not None
+                else VWLearner(policy.vw_args)
+            )
+            self._learners = {**self._learners, policy.name: learner}
+            self._loaded_at = {**self._loaded_at, policy.name: time.time()}
+
     def refresh(self) -> list[str]:
         """Load newer checkpoints; returns the policies whose model changed."""
         changed: list[str] = []
