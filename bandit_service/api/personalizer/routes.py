@@ -246,12 +246,12 @@ async def not_found(request: Request) -> Response:
 _OPERATIONS: list[tuple[str, str, Any, int, str, bool]] = [
     # path, method, handler, success status, invalid-input code, multi-slot
     ("/rank", "POST", rank, 201, "InvalidRankRequest", False),
-    ("/events/{eventId}/reward", "POST", reward, 204, "InvalidRewardRequest", False),
-    ("/events/{eventId}/activate", "POST", activate, 204, "InvalidEventIdToActivate", False),
+    ("/events/{eventId:path}/reward", "POST", reward, 204, "InvalidRewardRequest", False),
+    ("/events/{eventId:path}/activate", "POST", activate, 204, "InvalidEventIdToActivate", False),
     ("/multislot/rank", "POST", multislot_rank, 201, "InvalidRankRequest", True),
-    ("/multislot/events/{eventId}/reward", "POST", multislot_reward, 204,
+    ("/multislot/events/{eventId:path}/reward", "POST", multislot_reward, 204,
      "InvalidRewardRequest", True),
-    ("/multislot/events/{eventId}/activate", "POST", activate, 204,
+    ("/multislot/events/{eventId:path}/activate", "POST", activate, 204,
      "InvalidEventIdToActivate", True),
     ("/configurations/service", "GET", get_service_configuration, 200, "BadRequest", False),
     ("/configurations/service", "PUT", put_service_configuration, 200,
