@@ -354,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-policies", help="validate the policy files and print them")
     check.set_defaults(func=_check_policies)
+
+    from bandit_service.personalizer.cli import add_import_parser
+
+    add_import_parser(sub)  # import dsjson (Personalizer migration)
     return parser
 
 
