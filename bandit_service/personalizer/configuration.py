@@ -172,8 +172,15 @@ def patch_policy_text(text: str, updates: dict[str, Any]) -> str:
             missing.append(rendered)
     lines[first_table:first_table] = missing
     result = "\n".join(lines) + "\n"
-    expected = {**tomllib.loads(text), **updates}
-    if tomllib.loads(result) != expected:
+    try:
+        expected = {**tomllib.loads(text), **updates}
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError("body", f"the policy file is not valid TOML now: {exc}") from None
+    try:
+        same = tomllib.loads(result) == expected
+    except tomllib.TOMLDecodeError:
+        same = False
+    if not same:
         raise ConfigurationError(
             "body",
             "the policy file cannot be updated safely (a changed key spans several lines); "

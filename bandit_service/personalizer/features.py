@@ -124,6 +124,7 @@ def to_feature_map(value: Any, path: str) -> dict[str, Any]:
         check_features(out)
     except PydanticCustomError as exc:
         ctx = exc.context or {}
-        raise FeatureError(f"{path}.{ctx.get('path', '')}".rstrip("."),
-                           str(ctx.get("message", exc.message()))) from None  # fmt: skip
+        inner = str(ctx.get("path", ""))
+        where = path if inner in ("", "features") else f"{path}.{inner}"
+        raise FeatureError(where, str(ctx.get("message", exc.message()))) from None
     return out
