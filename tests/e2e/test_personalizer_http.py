@@ -159,3 +159,23 @@ def test_other_error_bodies(client: TestClient) -> None:
     # Native routes keep the native error shape (with the field).
     native = client.post("/v1/decisions", json={})
     assert native.status_code == 422 and native.json()["error"]["field"] == "candidates"
+
+
+def test_an_auth_dependency_attached_at_include_time_answers_in_personalizer_shape() -> None:
+    """How API keys plug in: a router-level dependency; its refusal is Personalizer-shaped."""
+    from fastapi import Depends, FastAPI, Header, HTTPException
+
+    from bandit_service.api.personalizer import router
+
+    def require_key(key: str | None = Header(None, alias="Ocp-Apim-Subscription-Key")) -> None:
+        if key != "secret":
+            raise HTTPException(401, "Access denied due to invalid subscription key.")
+
+    app = FastAPI()
+    app.include_router(router, dependencies=[Depends(require_key)])
+    with TestClient(app) as plain:
+        refused = plain.post("/personalizer/v1.0/rank", json={"actions": ACTIONS})
+        assert error_of(refused, 401) == {
+            "code": "Unauthorized",
+            "message": "Access denied due to invalid subscription key.",
+        }
