@@ -30,6 +30,7 @@ class ModelRegistry:
         self._policies = dict(policies)
         self._learners = {name: VWLearner(p.vw_args) for name, p in self._policies.items()}
         self._loaded_at = dict.fromkeys(self._policies, time.time())
+        self._swapped_at: dict[str, float] = {}  # when a checkpoint was last swapped in
         self._refresh_lock = threading.Lock()
         self.reloads = 0
 
@@ -69,6 +70,9 @@ class ModelRegistry:
         changed: list[str] = []
         with self._refresh_lock:
             for name, policy in self._policies.items():
+                swapped = self._swapped_at.get(name)
+                if swapped is not None and time.time() - swapped < policy.model_update_seconds:
+                    continue  # the policy asks for fewer model changes (model_update_seconds)
                 current = self._learners[name].model_version
                 with Session(self._db) as session:
                     latest = repository.latest_checkpoint(session, name, policy.model_key)
@@ -88,7 +92,7 @@ class ModelRegistry:
                     )  # fmt: skip
                     continue
                 self._learners[name] = learner
-                self._loaded_at[name] = time.time()
+                self._loaded_at[name] = self._swapped_at[name] = time.time()
                 self.reloads += 1
                 changed.append(name)
                 log.info("policy %s: now serving model version %d", name, full["model_version"])

@@ -10,10 +10,10 @@ rewardWaitTime             ``reward_window_seconds``
 defaultReward              ``default_reward``
 rewardAggregation          ``reward_aggregation`` (earliest -> first, sum, last)
 learningMode               ``learning_mode`` (Online, Apprentice, LoggingOnly)
+modelExportFrequency       ``model_update_seconds`` (minimum time between model swaps)
 PolicyContract.arguments   ``vw_args``
-modelExportFrequency,      kept by the facade (store table ``service_meta``) and
-logRetentionDays,          returned as set; see docs/migrating-from-personalizer.md
-modelRetrainDays, name
+logRetentionDays,          kept by the facade (store table ``service_meta``) and
+modelRetrainDays, name     returned as set; see docs/migrating-from-personalizer.md
 =========================  ===========================================================
 
 An update edits the policy's TOML file (comments and other keys kept), is validated as a
@@ -222,9 +222,20 @@ def _number(body: dict[str, Any], key: str, low: float, high: float) -> float | 
     return float(value)
 
 
-def policy_updates(body: dict[str, Any], policy: PolicyConfig) -> dict[str, Any]:
-    """The TOML keys a ``ServiceConfiguration`` body changes (only those that differ)."""
+def policy_updates(
+    body: dict[str, Any], policy: PolicyConfig, reload_seconds: float = 2.0
+) -> dict[str, Any]:
+    """The TOML keys a ``ServiceConfiguration`` body changes (only those that differ).
+    ``reload_seconds`` is how often serving processes look for a newer model anyway."""
     updates: dict[str, Any] = {}
+    if body.get("modelExportFrequency") is not None:
+        seconds = parse_duration(body["modelExportFrequency"], "modelExportFrequency")
+        if not 0 < seconds <= 366 * 86400:
+            raise ConfigurationError("modelExportFrequency", "must be between 0 and a year")
+        # At or below the reload interval, every newer model is served as it is found.
+        wanted = seconds if seconds > reload_seconds else 0.0
+        if wanted != policy.model_update_seconds:
+            updates["model_update_seconds"] = wanted
     epsilon = _number(body, "explorationPercentage", 0.0, 1.0)
     if epsilon is not None and not math.isclose(epsilon, exploration_of(policy.vw_args)):
         updates["vw_args"] = with_exploration(policy.vw_args, epsilon)
@@ -254,9 +265,6 @@ def policy_updates(body: dict[str, Any], policy: PolicyConfig) -> dict[str, Any]
     return updates
 
 
-FACADE_KEYS = ("logRetentionDays", "modelExportFrequency", "modelRetrainDays")
-
-
 def facade_updates(body: dict[str, Any]) -> dict[str, Any]:
     """The settings the facade keeps itself, validated."""
     out: dict[str, Any] = {}
@@ -271,11 +279,6 @@ def facade_updates(body: dict[str, Any]) -> dict[str, Any]:
         if isinstance(days, bool) or not isinstance(days, int) or days < 0:
             raise ConfigurationError("modelRetrainDays", "must be a whole number >= 0")
         out["modelRetrainDays"] = days
-    if body.get("modelExportFrequency") is not None:
-        seconds = parse_duration(body["modelExportFrequency"], "modelExportFrequency")
-        if seconds <= 0:
-            raise ConfigurationError("modelExportFrequency", "must be positive")
-        out["modelExportFrequency"] = format_duration(seconds)
     return out
 
 
@@ -287,8 +290,7 @@ def service_configuration(
         "defaultReward": policy.default_reward,
         "rewardAggregation": AGGREGATION_FROM_POLICY[policy.reward_aggregation],
         "explorationPercentage": exploration_of(policy.vw_args),
-        "modelExportFrequency": state.get("modelExportFrequency")
-        or format_duration(reload_seconds),
+        "modelExportFrequency": format_duration(policy.model_update_seconds or reload_seconds),
         "logMirrorEnabled": False,
         "logRetentionDays": state.get("logRetentionDays", -1),
         "lastConfigurationEditDate": state.get("lastConfigurationEditDate"),

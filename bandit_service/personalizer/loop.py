@@ -63,7 +63,7 @@ class PersonalizerLoop:
     async def update_service_configuration(self, body: dict[str, Any]) -> dict[str, Any]:
         async with self._lock:
             policy = self.policy()
-            updates = cfg.policy_updates(body, policy)
+            updates = cfg.policy_updates(body, policy, self.service.settings.model_reload_seconds)
             facade = cfg.facade_updates(body)
             await self._change(policy, updates, facade)
         return await self.service_configuration()

@@ -186,6 +186,7 @@ def test_configuration_read_and_update(
     written = tomllib.loads((policies / "default.toml").read_text())
     assert written["reward_window_seconds"] == 600 and written["reward_aggregation"] == "first"
     assert "--epsilon 0.3" in written["vw_args"] and written["holdout_share"] == 0
+    assert written["model_update_seconds"] == 60  # modelExportFrequency PT1M
     after = httpx.get(f"{base}/v1/policies/default").json()
     assert after["policy"]["version"] != before["policy"]["version"]
     assert after["model"]["model_key"] == before["model"]["model_key"]  # exploration only

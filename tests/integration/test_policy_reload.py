@@ -85,3 +85,41 @@ def test_trainer_follows_policy_changes(settings: Settings) -> None:
     assert trainer.trainers["default"].policy == online
 
     db.dispose()
+
+
+def test_model_update_seconds_spaces_out_model_swaps(settings: Settings) -> None:
+    """Personalizer's modelExportFrequency: after a swap, newer checkpoints wait until the
+    interval has passed; the first model after start is loaded at once."""
+    from sqlalchemy.orm import Session
+
+    from bandit_service.learners.vw import VWLearner
+    from bandit_service.model_registry import ModelRegistry
+    from bandit_service.store import repository
+
+    db = make_engine(settings.database_url)
+    try:
+        for interval, second_swap in ((3600.0, False), (0.0, True)):
+            policy = parse_policy(
+                f"p{int(interval)}",
+                {"vw_args": "--cb_explore_adf --epsilon 0.2", "model_update_seconds": interval},
+            )
+            registry = ModelRegistry(db, {policy.name: policy})
+
+            def checkpoint(policy=policy) -> None:  # type: ignore[no-untyped-def]
+                with Session(db) as session, session.begin():
+                    repository.insert_checkpoint(
+                        session,
+                        {"policy": policy.name, "model_key": policy.model_key,
+                         "policy_version": policy.version, "position": 0,
+                         "learned_events": 0, "skipped_events": 0, "created_at": 0.0,
+                         "note": "", "model": VWLearner(policy.vw_args).to_bytes()},
+                        keep=5,
+                    )  # fmt: skip
+
+            checkpoint()
+            assert registry.refresh() == [policy.name]  # the first one: at once
+            checkpoint()
+            assert (registry.refresh() == [policy.name]) is second_swap
+            assert registry.get(policy.name).model_version == (2 if second_swap else 1)
+    finally:
+        db.dispose()

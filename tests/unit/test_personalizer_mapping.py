@@ -87,6 +87,10 @@ def test_service_configuration_maps_to_policy_keys() -> None:
         "reward_window_seconds": 600.0, "reward_aggregation": "first",
         "learning_mode": "apprentice", "default_reward": -0.5,
     }  # fmt: skip
+    assert policy_updates({"modelExportFrequency": "PT5M"}, policy, 2.0) == {
+        "model_update_seconds": 300.0
+    }
+    assert policy_updates({"modelExportFrequency": "PT1S"}, policy, 2.0) == {}  # as found
     for field, value in [("explorationPercentage", 1.5), ("defaultReward", 3),
                          ("learningMode", "Sometimes"), ("rewardAggregation", "max")]:  # fmt: skip
         with pytest.raises(ConfigurationError) as error:
