@@ -51,15 +51,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _flatten(prefix: str, value: Any, into: dict[str, Any], path: str) -> None:
+MAX_DEPTH = 8  # nesting levels inside a namespace; deeper is almost surely a mistake
+
+
+def _flatten(prefix: str, value: Any, into: dict[str, Any], path: str, depth: int = 0) -> None:
     """Put ``value`` into one namespace's map under ``prefix`` (nested names joined by .)."""
     if value is None:
         return
+    if depth > MAX_DEPTH:
+        raise FeatureError(path, f"nested more than {MAX_DEPTH} levels deep")
     if isinstance(value, Mapping):
         for key, inner in value.items():
             if isinstance(key, str) and key.startswith("_"):
                 continue
-            _flatten(f"{prefix}.{key}" if prefix else str(key), inner, into, f"{path}.{key}")
+            name = f"{prefix}.{key}" if prefix else str(key)
+            _flatten(name, inner, into, f"{path}.{key}", depth + 1)
     elif isinstance(value, list):
         if all(isinstance(v, str) for v in value):
             if prefix:
@@ -70,7 +76,7 @@ def _flatten(prefix: str, value: Any, into: dict[str, Any], path: str) -> None:
         else:
             for i, v in enumerate(value):
                 name = prefix if isinstance(v, Mapping) else f"{prefix}.{i}" if prefix else str(i)
-                _flatten(name, v, into, f"{path}[{i}]")
+                _flatten(name, v, into, f"{path}[{i}]", depth + 1)
     elif isinstance(value, str | bool | int | float):
         if not prefix:
             raise FeatureError(path, "a feature needs a name")

@@ -131,3 +131,11 @@ def test_event_ids_map_to_stored_ids() -> None:
     long = "x" * 200
     assert internal_event_id(long) == internal_event_id(long) != long
     assert len(internal_event_id("with space")) <= 128
+
+
+def test_deep_nesting_is_refused_not_a_crash() -> None:
+    value: dict[str, object] = {"a": 1}
+    for _ in range(900):  # beyond Python's recursion limit if followed naively
+        value = {"x": value}
+    with pytest.raises(FeatureError, match="nested more than"):
+        to_feature_map([{"ns": value}], "contextFeatures")
