@@ -179,3 +179,20 @@ def test_an_auth_dependency_attached_at_include_time_answers_in_personalizer_sha
             "code": "Unauthorized",
             "message": "Access denied due to invalid subscription key.",
         }
+
+
+def test_apprentice_mode_shows_personalizer_baselines(client: TestClient) -> None:
+    """learningMode Apprentice: the baseline (first non-excluded action; per slot its
+    baselineAction) is shown with probability 1 while the model learns to imitate it."""
+    base = "/personalizer/v1.1-preview.3"
+    put = client.put(f"{base}/configurations/service", json={"learningMode": "Apprentice"})
+    assert put.status_code == 200 and put.json()["learningMode"] == "Apprentice"
+    single = client.post(f"{base}/rank", json={"actions": ACTIONS, "excludedActions": ["a"]})
+    assert single.json()["rewardActionId"] == "b"
+    assert single.json()["ranking"][1] == {"id": "b", "probability": 1.0}
+    multi = client.post(
+        f"{base}/multislot/rank",
+        json={"actions": ACTIONS, "slots": [{"id": "s1", "baselineAction": "c"},
+                                            {"id": "s2", "baselineAction": "a"}]},
+    )  # fmt: skip
+    assert [s["rewardActionId"] for s in multi.json()["slots"]] == ["c", "a"]
