@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 from bandit_service import __version__
 from bandit_service.api.auth import install_auth
 from bandit_service.api.errors import BodySizeLimit, install_error_handlers
+from bandit_service.api.personalizer import router as personalizer_router
 from bandit_service.api.routes import router
 from bandit_service.apikeys import load_keyring
 from bandit_service.config import Settings
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     app.state.service = service
     app.include_router(router)
+    app.include_router(personalizer_router)  # Azure Personalizer-compatible facade
     install_error_handlers(app)
     install_auth(app, keyring)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -454,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     hash_parser.set_defaults(func=_keys_hash)
     list_parser = keys_sub.add_parser("list", help="check and list the configured keys")
     list_parser.set_defaults(func=_keys_list)
+    from bandit_service.personalizer.cli import add_import_parser
+
+    add_import_parser(sub)  # import dsjson (Personalizer migration)
     return parser
 
 

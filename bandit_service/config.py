@@ -47,6 +47,10 @@ class Settings(BaseSettings):
         default=2.0, ge=0, description="Wait past a window's end for in-flight commits."
     )
     trainer_lease_seconds: float = Field(default=30.0, gt=0)
+    personalizer_policy: str = Field(
+        default="default",
+        description="The policy behind the Azure Personalizer-compatible API (/personalizer).",
+    )
     user_hash_secret: str | None = Field(
         default=None,
         description="HMAC key for user ids; unset: a random key is made and kept in the store.",

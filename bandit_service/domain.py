@@ -31,6 +31,7 @@ class Slot:
     id: str
     features: Features = field(default_factory=dict)
     baseline: str | None = None
+    excluded: frozenset[str] = frozenset()  # candidates never shown in this slot
 
 
 @dataclass(frozen=True)

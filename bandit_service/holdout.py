@@ -122,6 +122,13 @@ class PopularityBoard:
     def get(self, name: str) -> PopularityScores:
         return self._scores[name]
 
+    def set_policy(self, policy: PolicyConfig) -> None:
+        """Use ``policy`` from the next refresh on; a new policy starts at its prior."""
+        # Copy-on-write: refresh_due iterates these from another thread.
+        if policy.name not in self._scores:
+            self._scores = {**self._scores, policy.name: PopularityScores(prior_mean(policy))}
+        self._policies = {**self._policies, policy.name: policy}
+
     def due(self, name: str, now: float) -> bool:
         policy = self._policies[name]
         needed = policy.holdout_share > 0 or policy.rules.exploration_distribution == "least_shown"

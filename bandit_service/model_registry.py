@@ -30,6 +30,7 @@ class ModelRegistry:
         self._policies = dict(policies)
         self._learners = {name: VWLearner(p.vw_args) for name, p in self._policies.items()}
         self._loaded_at = dict.fromkeys(self._policies, time.time())
+        self._swapped_at: dict[str, float] = {}  # when a checkpoint was last swapped in
         self._refresh_lock = threading.Lock()
         self.reloads = 0
 
@@ -39,11 +40,39 @@ class ModelRegistry:
     def loaded_at(self, name: str) -> float:
         return self._loaded_at[name]
 
+    def set_policy(self, policy: PolicyConfig) -> None:
+        """Serve ``policy`` from now on (a new or changed policy file).
+
+        Same VW arguments: the current model stays. Otherwise the newest checkpoint of the
+        new lineage (``model_key``) is loaded under the new arguments, or a fresh model
+        starts when that lineage has none yet (the trainer then warm-starts it by replaying
+        the log); an exploration-only change keeps the lineage and so the learned weights.
+        """
+        with self._refresh_lock:
+            old = self._policies.get(policy.name)
+            self._policies = {**self._policies, policy.name: policy}
+            if old is not None and old.vw_args == policy.vw_args:
+                return
+            with Session(self._db) as session:
+                full = repository.latest_checkpoint(
+                    session, policy.name, policy.model_key, with_model=True
+                )
+            learner = (
+                VWLearner(policy.vw_args, full["model"], full["model_version"])
+                if full is not None
+                else VWLearner(policy.vw_args)
+            )
+            self._learners = {**self._learners, policy.name: learner}
+            self._loaded_at = {**self._loaded_at, policy.name: time.time()}
+
     def refresh(self) -> list[str]:
         """Load newer checkpoints; returns the policies whose model changed."""
         changed: list[str] = []
         with self._refresh_lock:
             for name, policy in self._policies.items():
+                swapped = self._swapped_at.get(name)
+                if swapped is not None and time.time() - swapped < policy.model_update_seconds:
+                    continue  # the policy asks for fewer model changes (model_update_seconds)
                 current = self._learners[name].model_version
                 with Session(self._db) as session:
                     latest = repository.latest_checkpoint(session, name, policy.model_key)
@@ -63,7 +92,7 @@ class ModelRegistry:
                     )  # fmt: skip
                     continue
                 self._learners[name] = learner
-                self._loaded_at[name] = time.time()
+                self._loaded_at[name] = self._swapped_at[name] = time.time()
                 self.reloads += 1
                 changed.append(name)
                 log.info("policy %s: now serving model version %d", name, full["model_version"])

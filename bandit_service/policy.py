@@ -83,6 +83,8 @@ class PolicyConfig:
     popularity_half_life_seconds: float = 7 * 24 * 3600.0
     popularity_prior_strength: float = 10.0
     popularity_refresh_seconds: float = 60.0
+    # Minimum time between two model swaps while serving (0: as soon as one is trained).
+    model_update_seconds: float = 0.0
     category_feature: str = ""  # candidate feature used for the breadth guardrail
     rules: RuleSet = field(default_factory=RuleSet)  # see bandit_service/rules.py
     description: str = ""
@@ -173,6 +175,8 @@ def parse_policy(name: str, raw: dict[str, Any], where: str = "<policy>") -> Pol
         raise _fail(where, "popularity_prior_strength must be positive")
     if not config.popularity_refresh_seconds >= 1:
         raise _fail(where, "popularity_refresh_seconds must be at least 1")
+    if not 0 <= config.model_update_seconds <= 366 * 24 * 3600:
+        raise _fail(where, "model_update_seconds must be between 0 and a year")
     check_vw_args(config.vw_args, where)
     return config
 

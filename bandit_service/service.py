@@ -8,6 +8,7 @@ the same whether the service is driven over HTTP or from Python.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -27,7 +28,7 @@ from bandit_service.engine import DecisionEngine
 from bandit_service.errors import InvalidRequest, NotFound, Unavailable
 from bandit_service.holdout import PopularityBoard
 from bandit_service.model_registry import ModelRegistry
-from bandit_service.policy import PolicyConfig
+from bandit_service.policy import PolicyConfig, PolicyError, load_policy_file
 from bandit_service.reports.lift import collect_outcomes, lift_report
 from bandit_service.rewards import PRIMARY
 from bandit_service.store import repository
@@ -78,9 +79,12 @@ class DecisionService:
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._trainer_stop = threading.Event()
         self._trainer_thread: threading.Thread | None = None
+        self._trainer: Trainer | None = None
+        self._policy_files: dict[str, tuple[int, int]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
+        self._policy_files = await asyncio.to_thread(self._scan_policy_files)
         self.writer.start()
         ok, reason = await asyncio.to_thread(check_ready, self.db)
         if ok:
@@ -104,6 +108,7 @@ class DecisionService:
             self.settings.trainer_options(),
             on_checkpoint=lambda _name, _version: self.models.refresh(),
         )
+        self._trainer = trainer
         self._trainer_thread = threading.Thread(
             target=trainer.run_forever,
             args=(self._trainer_stop, self.settings.train_interval_seconds),
@@ -116,9 +121,65 @@ class DecisionService:
         while True:
             await asyncio.sleep(self.settings.model_reload_seconds)
             try:
+                await self.reload_policies()
+            except Exception:
+                log.exception("policy reload failed; serving the current policies")
+            try:
                 await asyncio.to_thread(self.models.refresh)
             except Exception:
                 log.exception("model reload failed; serving the current models")
+
+    # -- runtime policy changes ------------------------------------------------------------
+    def _scan_policy_files(self) -> dict[str, tuple[int, int]]:
+        folder = self.settings.policies_dir
+        if not folder.is_dir():
+            return {}
+        found = {}
+        for path in folder.glob("*.toml"):
+            with contextlib.suppress(OSError):  # removed between glob and stat
+                stat = path.stat()
+                found[path.stem] = (stat.st_mtime_ns, stat.st_size)
+        return found
+
+    async def reload_policies(self) -> list[str]:
+        """Apply policy files created or changed since the last look; returns the names
+        whose configuration changed. Every process polls (with the model reload), so all
+        API workers follow an edit. An invalid file is logged and the running version
+        kept; a removed file keeps its policy until restart (decisions may still name it).
+        """
+        current = await asyncio.to_thread(self._scan_policy_files)
+        changed_files = [n for n, mark in current.items() if self._policy_files.get(n) != mark]
+        self._policy_files = current
+        applied = []
+        for name in sorted(changed_files):
+            path = self.settings.policies_dir / f"{name}.toml"
+            try:
+                policy = await asyncio.to_thread(load_policy_file, path)
+            except (PolicyError, OSError) as exc:
+                log.error("policy file %s not applied, still serving the previous one: %s",
+                          path, exc)  # fmt: skip
+                continue
+            old = self.policies.get(name)
+            if old is None or old.version != policy.version:
+                await self.apply_policy(policy)
+                applied.append(name)
+        return applied
+
+    async def apply_policy(self, policy: PolicyConfig) -> None:
+        """Serve, train and report ``policy`` from now on (new, or a new version).
+
+        Decisions already logged keep the version they were made with; the model continues
+        when the lineage (``model_key``) is unchanged, else the trainer warm-starts the new
+        lineage from the log. Nothing is reset silently.
+        """
+        await asyncio.to_thread(self.models.set_policy, policy)
+        self.popularity.set_policy(policy)
+        self.engine.policies = {**self.engine.policies, policy.name: policy}
+        self.policies = {**self.policies, policy.name: policy}
+        if self._trainer is not None:
+            self._trainer.set_policy(policy)
+        log.info("policy %s: now version %s (model lineage %s)", policy.name, policy.version,
+                 policy.model_key)  # fmt: skip
 
     async def _checkpoint_loop(self) -> None:
         while True:

@@ -288,6 +288,12 @@ class Trainer:
     ) -> None:
         self.owner = f"trainer-{uuid.uuid4().hex[:12]}"
         self.on_checkpoint = on_checkpoint
+        self._db = db
+        self._options = options or TrainerOptions()
+        self._clock = clock
+        self._learner_factory = learner_factory
+        self._pending: dict[str, PolicyConfig] = {}
+        self._pending_lock = threading.Lock()
         self.trainers = {
             name: PolicyTrainer(
                 db,
@@ -301,8 +307,30 @@ class Trainer:
             if policy.learning_mode != "logging_only"
         }
 
+    def set_policy(self, policy: PolicyConfig) -> None:
+        """Train ``policy`` (new or changed) from the next cycle on. Thread-safe: the
+        training thread applies it between cycles, never in the middle of a step."""
+        with self._pending_lock:
+            self._pending[policy.name] = policy
+
+    def _apply_pending(self) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, {}
+        for name, policy in pending.items():
+            old = self.trainers.pop(name, None)
+            if old is not None and policy.learning_mode == "logging_only":
+                old.release()
+            if policy.learning_mode != "logging_only":
+                # A fresh PolicyTrainer resumes from the newest checkpoint of the policy's
+                # (possibly new) lineage, or warm-starts a new lineage from the log.
+                self.trainers[name] = PolicyTrainer(
+                    self._db, policy, self.owner, self._options,
+                    clock=self._clock, learner_factory=self._learner_factory,
+                )  # fmt: skip
+
     def run_once(self) -> dict[str, StepResult]:
         """Learn everything ready now; returns the last step's result per policy."""
+        self._apply_pending()
         results: dict[str, StepResult] = {}
         for name, trainer in self.trainers.items():
             before = trainer.model_version

@@ -220,6 +220,7 @@ class _Page:
     free: list[int]
     pins: dict[int, int]
     counts: list[Counter[str]] = field(default_factory=list)
+    slot_excluded: list[frozenset[str]] = field(default_factory=list)
 
     @classmethod
     def plan(cls, policy: PolicyConfig, request: DecisionRequest) -> _Page:
@@ -241,6 +242,7 @@ class _Page:
                 "slots",
             )
         page = cls(policy, candidates, len(request.slots), free, pins)
+        page.slot_excluded = [slot.excluded for slot in request.slots]
         page.counts = [Counter() for _ in rules.max_per_value]
         for i in pinned:  # pins count towards the caps of the whole page
             page._count(i)
@@ -280,6 +282,9 @@ class _Page:
         """
         later = sum(1 for s in range(k + 1, self.slot_count) if s not in self.pins)
         allowed = list(self.free)
+        if self.slot_excluded and self.slot_excluded[k]:
+            banned = self.slot_excluded[k]
+            allowed = [i for i in allowed if self.candidates[i].id not in banned]
         for c, cap in enumerate(self.policy.rules.max_per_value):
             counts = self.counts[c]
             keys = {i: self._key(i, c) for i in self.free}

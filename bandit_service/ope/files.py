@@ -22,7 +22,7 @@ and multi-slot (CCB) lines are skipped and counted.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +31,36 @@ import orjson
 from bandit_service.domain import Candidate
 from bandit_service.ope.evaluate import LogStats, SlotRow
 
+Malformed = Callable[[str], None]
 
-def _lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+
+def _lines(
+    path: str | Path,
+    on_malformed: Malformed | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Decoded lines, streamed. A line that is not a JSON object raises, or, with
+    ``on_malformed``, is reported to it and skipped. ``on_bytes`` hears each line's size."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
+            if on_bytes is not None:
+                on_bytes(len(raw))
             if not raw.strip():
                 continue
             try:
                 value = orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {number}: not JSON ({exc})") from None
+                message = f"{path}, line {number}: not JSON ({exc})"
+                if on_malformed is None:
+                    raise ValueError(message) from None
+                on_malformed(message)
+                continue
             if not isinstance(value, dict):
-                raise ValueError(f"{path}, line {number}: expected a JSON object")
+                message = f"{path}, line {number}: expected a JSON object"
+                if on_malformed is None:
+                    raise ValueError(message)
+                on_malformed(message)
+                continue
             yield number, value
 
 
@@ -108,52 +126,95 @@ def _vw_features(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def rows_from_dsjson(path: str | Path, stats: LogStats) -> list[SlotRow]:
-    rows = []
-    for number, line in _lines(path):
-        where = f"{path}, line {number}"
-        stats.decisions += 1
-        if "_outcomes" in line or "_label_cost" not in line:
-            stats.skipped_not_shown += 1  # multi-slot (CCB) or never joined to a reward
-            continue
-        try:
-            context = line["c"]
-            actions = context.get("_multi") or []
-            order = [int(a) for a in line["a"]]  # 1-based action ids, ranked
-            probabilities = [float(p) for p in line["p"]]
-            chosen = int(line["_labelIndex"])
-            probability = _probability(line["_label_probability"], where)
-            reward = -float(line["_label_cost"])
-        except KeyError as exc:
-            raise ValueError(f"{where}: missing field {exc}") from None
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: {exc}") from None
-        if len(order) != len(probabilities) or len(order) != len(actions):
-            raise ValueError(f"{where}: a, p and c._multi must have the same length")
-        if not 0 <= chosen < len(actions):
-            raise ValueError(f"{where}: _labelIndex {chosen} is not an action index")
-        if probability == 1.0:
-            stats.skipped_deterministic += 1
-            continue
-        pmf = [0.0] * len(actions)
-        for action, p in zip(order, probabilities, strict=True):
-            pmf[action - 1] = p
-        candidates = tuple(
-            Candidate(str(action.get("id", index)), _vw_features(action))
-            for index, action in enumerate(actions)
-        )
-        rows.append(
-            SlotRow(
-                key=str(line.get("EventId", number)),
-                created_at=float(number),
-                context=_vw_features(context),
-                slot=0,
-                slot_features={},
-                eligible=candidates,
-                chosen=chosen,
-                propensity=probability,
-                reward=reward,
-                logged_pmf=tuple(pmf),
-            )
-        )
+    rows = list(iter_dsjson(path, stats))
     stats.rows += len(rows)
     return rows
+
+
+def iter_dsjson(
+    path: str | Path,
+    stats: LogStats,
+    on_malformed: Malformed | None = None,
+    features: Callable[[Mapping[str, Any]], dict[str, Any]] = _vw_features,
+    on_bytes: Callable[[int], None] | None = None,
+) -> Iterator[SlotRow]:
+    """DSJSON slot rows, streamed. Malformed lines raise, or go to ``on_malformed`` and
+    are skipped; ``features`` turns a DSJSON feature object into a feature map."""
+    for number, line in _lines(path, on_malformed, on_bytes):
+        where = f"{path}, line {number}"
+        stats.decisions += 1
+        if "_outcomes" in line or "_label_cost" not in line or line.get("_skipLearn"):
+            stats.skipped_not_shown += 1  # multi-slot (CCB), never joined, or not activated
+            continue
+        try:
+            row = _dsjson_row(line, number, where, features)
+        except ValueError as exc:
+            if on_malformed is None:
+                raise
+            on_malformed(str(exc))
+            continue
+        if row is None:
+            stats.skipped_deterministic += 1
+            continue
+        yield row
+
+
+def _dsjson_row(
+    line: dict[str, Any],
+    number: int,
+    where: str,
+    features: Callable[[Mapping[str, Any]], dict[str, Any]],
+) -> SlotRow | None:
+    try:
+        context = line["c"]
+        actions = context.get("_multi") or []
+        order = [int(a) for a in line["a"]]  # 1-based action ids, ranked
+        probabilities = [float(p) for p in line["p"]]
+        chosen = int(line["_labelIndex"])
+        probability = _probability(line["_label_probability"], where)
+        reward = -float(line["_label_cost"])
+    except KeyError as exc:
+        raise ValueError(f"{where}: missing field {exc}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    if len(order) != len(probabilities) or len(order) != len(actions):
+        raise ValueError(f"{where}: a, p and c._multi must have the same length")
+    if not 0 <= chosen < len(actions):
+        raise ValueError(f"{where}: _labelIndex {chosen} is not an action index")
+    if not all(1 <= a <= len(actions) for a in order):
+        raise ValueError(f"{where}: a holds an action number outside 1..{len(actions)}")
+    if probability == 1.0:
+        return None
+    pmf = [0.0] * len(actions)
+    for action, p in zip(order, probabilities, strict=True):
+        pmf[action - 1] = p
+    try:
+        candidates = tuple(
+            Candidate(_action_id(action, index), features(action))
+            for index, action in enumerate(actions)
+        )
+        shared = features(context)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return SlotRow(
+        key=str(line.get("EventId", number)),
+        created_at=float(number),
+        context=shared,
+        slot=0,
+        slot_features={},
+        eligible=candidates,
+        chosen=chosen,
+        propensity=probability,
+        reward=reward,
+        logged_pmf=tuple(pmf),
+    )
+
+
+def _action_id(action: Any, index: int) -> str:
+    """Personalizer logged an action's id as ``_tag`` (older logs: an ``id`` feature)."""
+    if not isinstance(action, Mapping):
+        raise ValueError(f"action {index + 1} in c._multi is not an object")
+    for key in ("_tag", "id"):
+        if isinstance(action.get(key), str | int) and not isinstance(action.get(key), bool):
+            return str(action[key])
+    return str(index)
