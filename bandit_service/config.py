@@ -47,6 +47,9 @@ class Settings(BaseSettings):
         default=2.0, ge=0, description="Wait past a window's end for in-flight commits."
     )
     trainer_lease_seconds: float = Field(default=30.0, gt=0)
+    retention_interval_seconds: float = Field(
+        default=3600.0, gt=0, description="How often retention (policy retention_days) runs."
+    )
     user_hash_secret: str | None = Field(
         default=None,
         description="HMAC key for user ids; unset: a random key is made and kept in the store.",

@@ -79,7 +79,8 @@ def compute_popularity(
     reward_sum: dict[str, float] = {}
     total = 0.0
     for decision in decisions:
-        if readiness(decision, policy, now, grace) != "learn":
+        # Opted-out users' behaviour is not learned from, popularity included (issue 10).
+        if decision["arm"] == "opted_out" or readiness(decision, policy, now, grace) != "learn":
             continue
         age = max(0.0, now - decision["created_at"])
         w = 2.0 ** (-age / policy.popularity_half_life_seconds)
@@ -118,13 +119,18 @@ class PopularityBoard:
         self._scores = {
             name: PopularityScores(prior=prior_mean(p)) for name, p in self._policies.items()
         }
+        self.wanted: set[str] = set()  # policies asked for popularity by an opted-out user
 
     def get(self, name: str) -> PopularityScores:
         return self._scores[name]
 
     def due(self, name: str, now: float) -> bool:
         policy = self._policies[name]
-        needed = policy.holdout_share > 0 or policy.rules.exploration_distribution == "least_shown"
+        needed = (
+            policy.holdout_share > 0
+            or policy.rules.exploration_distribution == "least_shown"
+            or name in self.wanted  # opted-out users are served this ranking (issue 10)
+        )
         return needed and now - self._scores[name].computed_at >= policy.popularity_refresh_seconds
 
     def refresh(self, name: str, now: float) -> PopularityScores:
