@@ -269,13 +269,13 @@ def test_popularity_ignores_opted_out_decisions() -> None:
                     CANDIDATES[0],
                     {"id": "x", "features": {"tags": ["ok", "(555) 123-4567"]}},
                 ]
-            },  # noqa: E501
+            },
             "candidates[1].features.tags[1]",
         ),
         (
             {"slots": [{"id": "top", "features": {"owner": "bob@corp.io"}}]},
             "slots[0].features.owner",
-        ),  # noqa: E501
+        ),
     ],
 )
 def test_identifier_looking_features_are_refused(
