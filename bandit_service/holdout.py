@@ -80,7 +80,7 @@ def compute_popularity(
     total = 0.0
     for decision in decisions:
         # Opted-out users' behaviour is not learned from, popularity included (issue 10).
-        if decision["arm"] == "opted_out" or readiness(decision, policy, now, grace) != "learn":
+        if decision.get("arm") == "opted_out" or readiness(decision, policy, now, grace) != "learn":
             continue
         age = max(0.0, now - decision["created_at"])
         w = 2.0 ** (-age / policy.popularity_half_life_seconds)

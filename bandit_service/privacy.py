@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 # earlier timestamp; re-reading this far back makes such late commits visible.
 OPT_OUT_OVERLAP_SECONDS = 30.0
 RETENTION_BATCH = 5000
+# An undone opt-out is kept as a marker so running processes see the undo; then forgotten.
+UNDONE_OPT_OUT_KEPT_SECONDS = 86400.0
 
 
 class OptOutRegistry:
@@ -137,6 +139,8 @@ class RetentionJob:
 
     def run_once(self, now: float | None = None) -> list[RetentionResult]:
         now = time.time() if now is None else now
+        with Session(self.db) as session, session.begin():
+            store.forget_undone_opt_outs(session, now - UNDONE_OPT_OUT_KEPT_SECONDS)
         results = []
         for policy in self.policies.values():
             if policy.retention_days > 0:

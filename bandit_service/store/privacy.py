@@ -67,6 +67,17 @@ def set_opt_out(session: Session, user_key: str, opted_out: bool, now: float) ->
     )
 
 
+def forget_undone_opt_outs(session: Session, before: float) -> int:
+    """Remove undo markers (``opted_out`` false) recorded before ``before``: they only exist
+    so that running processes see the undo, which they do within seconds."""
+    return _deleted(
+        session,
+        delete(UserOptOutRow).where(
+            UserOptOutRow.opted_out.is_(False), UserOptOutRow.updated_at < before
+        ),
+    )
+
+
 def opt_out_state(session: Session, user_key: str) -> dict[str, Any] | None:
     row = session.get(UserOptOutRow, user_key)
     return {"opted_out": row.opted_out, "updated_at": row.updated_at} if row else None

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from bandit_service.policy import PolicyError, parse_policy
 from bandit_service.privacy import RetentionJob
+from bandit_service.store import privacy as privacy_store
 from bandit_service.store import repository
 from bandit_service.store.database import make_engine
 from bandit_service.store.models import DecisionRow, ModelCheckpointRow, RewardRow
@@ -86,6 +87,17 @@ def test_retention_removes_exactly_the_expired_rows(db: Engine) -> None:
 
     again = job.run_once(NOW)  # idempotent
     assert [(r.decisions, r.rewards) for r in again] == [(0, 0), (0, 0)]
+
+
+def test_undone_opt_outs_are_forgotten_after_a_day(db: Engine) -> None:
+    with Session(db) as session, session.begin():
+        privacy_store.set_opt_out(session, "still-out", True, NOW - 10 * DAY)
+        privacy_store.set_opt_out(session, "undone-long-ago", False, NOW - 2 * DAY)
+        privacy_store.set_opt_out(session, "undone-just-now", False, NOW - 60)
+    RetentionJob(db, {}).run_once(NOW)
+    with Session(db) as session:
+        left = {key for key, _out, _at in privacy_store.opt_out_changes(session, 0.0)}
+    assert left == {"still-out", "undone-just-now"}
 
 
 @pytest.mark.parametrize(
