@@ -148,7 +148,10 @@ LearnerLookup = Callable[[str, int], tuple[VWLearner, int, str]]
 
 
 def explain_decision(
-    row: Mapping[str, Any], learner_for: LearnerLookup | None, top: int = DEFAULT_TOP
+    row: Mapping[str, Any],
+    learner_for: LearnerLookup | None,
+    top: int = DEFAULT_TOP,
+    learning_mode: str = "online",
 ) -> dict[str, Any]:
     """The explanation of a logged decision (``row`` as the repository returns it).
 
@@ -192,8 +195,15 @@ def explain_decision(
             top,
         )
         out["slots"].append({**info, **explained})
+    notes = [note] if note else []
+    if learning_mode != "online":
+        notes.append(
+            f"this {learning_mode} policy shows its baseline, not the model's choice; the "
+            "contributions say how the model scores what was shown"
+        )
     if version == 0:
-        out["note"] = (note + " " if note else "") + (
+        notes.append(
             "model version 0 is untrained: every weight is zero, so no feature contributes yet"
         )
+    out["note"] = "; ".join(notes)
     return out

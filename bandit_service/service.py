@@ -512,8 +512,10 @@ class DecisionService:
         row = await asyncio.to_thread(self._find, event_id)
         if row is None:
             raise NotFound(f"no decision with event id {event_id!r}", "event_id")
-        lookup = self._explaining_learner if row["policy"] in self.policies else None
-        return await asyncio.to_thread(explain_decision, row, lookup, top)
+        policy = self.policies.get(row["policy"])
+        lookup = self._explaining_learner if policy is not None else None
+        mode = policy.learning_mode if policy is not None else "online"
+        return await asyncio.to_thread(explain_decision, row, lookup, top, mode)
 
     def _explaining_learner(self, name: str, version: int) -> tuple[Any, int, str]:
         """The model that made a decision, if still stored; else the serving one, noted."""

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from bandit_service.policy import PolicyError, parse_policy
+from bandit_service.cli import main
+from bandit_service.config import Settings
+from bandit_service.policy import PolicyError, load_policies, parse_policy
 from bandit_service.privacy import RetentionJob
+from bandit_service.service import DecisionService
 from bandit_service.store import privacy as privacy_store
 from bandit_service.store import repository
 from bandit_service.store.database import make_engine
@@ -120,3 +126,43 @@ def test_privacy_keys_at_their_defaults_keep_the_policy_version() -> None:
     explicit = parse_policy("p", {"retention_days": 0, "allow_identifier_features": False})
     assert plain.version == explicit.version
     assert parse_policy("p", {"retention_days": 30}).version != plain.version
+
+
+def test_serving_processes_and_the_cli_enforce_retention(
+    settings: Settings, policies_dir: Path, db: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (policies_dir / "kept.toml").write_text("retention_days = 2\nholdout_share = 0\n")
+    now = time.time()
+
+    def seed(prefix: str) -> None:
+        with Session(db) as session, session.begin():
+            repository.insert_decisions(
+                session,
+                [decision(f"{prefix}-old", "kept", now - 3 * DAY),
+                 decision(f"{prefix}-new", "kept", now - DAY)],
+            )  # fmt: skip
+
+    def left() -> set[str]:
+        with Session(db) as session:
+            return set(session.scalars(select(DecisionRow.event_id)))
+
+    async def serve_until_expired() -> None:
+        service = DecisionService(settings.model_copy(update={"trainer": "off"}),
+                                  load_policies(policies_dir))  # fmt: skip
+        await service.start()
+        try:
+            for _ in range(200):  # the job runs at start, in the background
+                if "svc-old" not in left():
+                    return
+                await asyncio.sleep(0.05)
+        finally:
+            await service.close()
+
+    seed("svc")
+    asyncio.run(serve_until_expired())
+    assert left() == {"svc-new"}
+    seed("cli")
+    monkeypatch.setenv("BANDIT_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("BANDIT_POLICIES_DIR", str(policies_dir))
+    assert main(["retention"]) == 0
+    assert left() == {"svc-new", "cli-new"}
