@@ -2,8 +2,9 @@
 
 * **Opt-out.** A user opted out (stored, ``PUT /v1/users/{user_id}/opt-out``) or a request
   with ``personalize: false`` gets the non-personalized ranking under the arm
-  ``opted_out``; no context features (nor exclusions) are logged for it, and the trainer
-  and the popularity board never learn from it. Each serving process keeps the set of
+  ``opted_out``; no context features (nor exclusions) are logged for it, those of the
+  user's earlier decisions are emptied, and the trainer and the popularity board never
+  learn from it. Each serving process keeps the set of
   opted-out keys in memory (:class:`OptOutRegistry`): the process that stored the opt-out
   applies it at once, the others within ``model_reload_seconds``. The trainer reads the
   store itself, so a user is never learned from once the opt-out has committed, whatever a
@@ -68,11 +69,21 @@ class OptOutRegistry:
                 self._keys.discard(user_key)
 
     def refresh(self) -> None:
-        """Read the opt-outs (and undos) recorded since the last refresh."""
+        """Read the opt-outs (and undos) recorded since the last refresh.
+
+        Opt-outs recorded in the last ``OPT_OUT_OVERLAP_SECONDS`` are re-read on every
+        refresh, and the context of those users' decisions is scrubbed again each time: a
+        decision this process personalized before it knew of the opt-out, still in its group
+        commit at the first refresh, is caught by the next one."""
         started = time.time()
         since = 0.0 if self._since is None else self._since - OPT_OUT_OVERLAP_SECONDS
-        with Session(self._db) as session:
+        with Session(self._db) as session, session.begin():
             changes = store.opt_out_changes(session, since)
+            recent = [
+                k for k, out, at in changes if out and at >= started - 2 * OPT_OUT_OVERLAP_SECONDS
+            ]
+            if recent:
+                store.scrub_opted_out(session, recent)
         with self._lock:
             for key, opted_out, _at in changes:
                 if opted_out:
@@ -83,10 +94,13 @@ class OptOutRegistry:
 
 
 def set_opt_out(db: Engine, user_key: str, opted_out: bool) -> dict[str, Any]:
+    """Store (or undo) an opt-out. Opting out also empties the context and exclusions of the
+    user's decisions logged before (undoing cannot bring them back)."""
     now = time.time()
     with Session(db) as session, session.begin():
         store.set_opt_out(session, user_key, opted_out, now)
-    return {"opted_out": opted_out, "updated_at": now}
+        scrubbed = store.scrub_opted_out(session, [user_key]) if opted_out else 0
+    return {"opted_out": opted_out, "updated_at": now, "scrubbed_decisions": scrubbed}
 
 
 def opt_out_state(db: Engine, user_key: str) -> dict[str, Any]:

@@ -147,10 +147,12 @@ class DecisionService:
             await asyncio.sleep(1.0)
 
     async def _privacy_loop(self) -> None:
-        """Opt-outs stored by other processes (every ``model_reload_seconds``) and retention
-        (every ``retention_interval_seconds``, first run at start)."""
+        """Opt-outs stored by other processes (every ``model_reload_seconds``; ``start`` read
+        them all) and retention (every ``retention_interval_seconds``, first run one reload
+        period after start)."""
         next_retention = 0.0
         while True:
+            await asyncio.sleep(self.settings.model_reload_seconds)
             try:
                 await asyncio.to_thread(self.opt_outs.refresh)
                 if time.time() >= next_retention:
@@ -158,7 +160,6 @@ class DecisionService:
                     await asyncio.to_thread(self.retention.run_once)
             except Exception:
                 log.exception("opt-out refresh or retention failed; will retry")
-            await asyncio.sleep(self.settings.model_reload_seconds)
 
     async def close(self) -> None:
         """Flush acknowledged writes, stop the trainer after its current step, stop reloads."""

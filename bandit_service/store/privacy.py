@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Delete, delete, select
+from sqlalchemy import CursorResult, Delete, delete, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -65,6 +65,25 @@ def set_opt_out(session: Session, user_key: str, opted_out: bool, now: float) ->
             index_elements=["user_key"], set_={"opted_out": opted_out, "updated_at": now}
         )
     )
+
+
+def scrub_opted_out(session: Session, user_keys: Iterable[str]) -> int:
+    """Empty the context and exclusions of the given users' logged decisions (an opt-out
+    covers what was logged before it too); returns the decisions rewritten."""
+    keys = sorted(set(user_keys))
+    scrubbed = 0
+    for start in range(0, len(keys), 1000):
+        result = session.execute(
+            update(DecisionRow)
+            .where(
+                DecisionRow.user_key.in_(keys[start : start + 1000]),
+                DecisionRow.arm != "opted_out",  # those were logged without context
+            )
+            .values(context={}, excluded=[])
+            .execution_options(synchronize_session=False)
+        )
+        scrubbed += int(cast(CursorResult[Any], result).rowcount)
+    return scrubbed
 
 
 def forget_undone_opt_outs(session: Session, before: float) -> int:

@@ -180,9 +180,12 @@ def test_user_paths_validate_the_id(client: TestClient) -> None:
 
 # -- opt-out ----------------------------------------------------------------------------------
 def test_opt_out_serves_popularity_logs_no_context_and_can_be_undone(client: TestClient) -> None:
-    assert decide(client, user_id=RAW_USER, policy="learn")["arm"] == "bandit"
+    before = decide(client, user_id=RAW_USER, policy="learn", context={"device": "tv"})
+    assert before["arm"] == "bandit"
     state = client.put(f"/v1/users/{RAW_USER}/opt-out").json()
-    assert state["opted_out"] is True and state["updated_at"]
+    assert state["opted_out"] is True and state["updated_at"] and state["scrubbed_decisions"] == 1
+    # What was logged before the opt-out loses its context too (it is never learned either).
+    assert client.get(f"/v1/decisions/{before['event_id']}").json()["context"] == {}
     assert client.get(f"/v1/users/{RAW_USER}/opt-out").json()["opted_out"] is True
     d = decide(
         client, user_id=RAW_USER, policy="learn", context={"device": "tv"}, excluded=["art-news"]

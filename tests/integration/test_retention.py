@@ -166,3 +166,38 @@ def test_serving_processes_and_the_cli_enforce_retention(
     monkeypatch.setenv("BANDIT_POLICIES_DIR", str(policies_dir))
     assert main(["retention"]) == 0
     assert left() == {"svc-new", "cli-new"}
+
+
+def test_an_opt_out_reaches_other_serving_processes(settings: Settings, db: Engine) -> None:
+    """Process A stores the opt-out; process B personalized the user before it knew, then
+    applies the opt-out at its next refresh and scrubs what it had logged."""
+    from bandit_service.domain import Candidate, DecisionRequest, slot_list
+
+    def request(event_id: str) -> DecisionRequest:
+        return DecisionRequest(
+            event_id=event_id, policy="default", candidates=(Candidate("a"), Candidate("b")),
+            slots=slot_list(1), context={"device": "tv"}, user_id="someone",
+        )  # fmt: skip
+
+    async def two_processes() -> None:
+        policies = load_policies(settings.policies_dir)
+        # No background refresh during the test: B refreshes when the test says so.
+        quiet = settings.model_copy(update={"trainer": "off", "model_reload_seconds": 600})
+        a, b = DecisionService(quiet, policies), DecisionService(quiet, policies)
+        await a.start()
+        await b.start()
+        try:
+            await a.set_opt_out("someone", True)
+            assert (await a.decide(request("on-a")))["arm"] == "opted_out"
+            early = await b.decide(request("on-b-early"))  # B has not refreshed yet
+            assert early["arm"] == "bandit" and early["context"] == {"device": "tv"}
+            await asyncio.to_thread(b.opt_outs.refresh)
+            assert (await b.decide(request("on-b-late")))["arm"] == "opted_out"
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(two_processes())
+    with Session(db) as session:
+        contexts = dict(session.execute(select(DecisionRow.event_id, DecisionRow.context)).all())
+    assert contexts == {"on-a": {}, "on-b-early": {}, "on-b-late": {}}
