@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from fastapi.responses import Response
 
 from bandit_service.api.features import text_problem
 from bandit_service.api.routes import ERRORS, ServiceDep, iso, json_response, known_event_id
@@ -47,7 +48,7 @@ def user_id_param(user_id: str) -> str:
 )
 async def delete_user(
     user_id: str, service: ServiceDep, keep_opt_out: Annotated[bool, Query()] = False
-) -> object:
+) -> Response:
     removed = await service.delete_user(user_id_param(user_id), keep_opt_out)
     return json_response({"removed": removed, "total": sum(removed.values())})
 
@@ -63,7 +64,7 @@ async def delete_user(
         "`model_reload_seconds`; the trainer at once. Undo with DELETE."
     ),
 )
-async def opt_out(user_id: str, service: ServiceDep) -> object:
+async def opt_out(user_id: str, service: ServiceDep) -> Response:
     state = await service.set_opt_out(user_id_param(user_id), True)
     return json_response({**state, "updated_at": iso(state["updated_at"])})
 
@@ -73,7 +74,7 @@ async def opt_out(user_id: str, service: ServiceDep) -> object:
     responses=ERRORS,
     summary="Undo a user's opt-out (scope: admin)",
 )
-async def opt_in(user_id: str, service: ServiceDep) -> object:
+async def opt_in(user_id: str, service: ServiceDep) -> Response:
     state = await service.set_opt_out(user_id_param(user_id), False)
     return json_response({**state, "updated_at": iso(state["updated_at"])})
 
@@ -83,7 +84,7 @@ async def opt_in(user_id: str, service: ServiceDep) -> object:
     responses=ERRORS,
     summary="Whether a user is opted out (scope: admin)",
 )
-async def opt_out_state(user_id: str, service: ServiceDep) -> object:
+async def opt_out_state(user_id: str, service: ServiceDep) -> Response:
     state = await service.opt_out_state(user_id_param(user_id))
     return json_response({**state, "updated_at": iso(state["updated_at"])})
 
@@ -102,5 +103,5 @@ async def opt_out_state(user_id: str, service: ServiceDep) -> object:
 )
 async def explanation(
     event_id: str, service: ServiceDep, top: Annotated[int, Query(ge=1, le=100)] = 5
-) -> object:
+) -> Response:
     return json_response(await service.explain(known_event_id(event_id), top))

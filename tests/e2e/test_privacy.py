@@ -173,9 +173,16 @@ def test_delete_user_can_keep_the_opt_out(client: TestClient) -> None:
     assert decide(client, user_id=RAW_USER)["arm"] == "opted_out"
 
 
-def test_user_paths_validate_the_id(client: TestClient) -> None:
-    response = client.delete("/v1/users/" + "x" * 300)
-    assert response.status_code == 422 and response.json()["error"]["field"] == "user_id"
+def test_user_paths_take_any_url_encoded_id_and_validate_it(client: TestClient) -> None:
+    user = "ana lópez@example.com"  # spaces, unicode, "@": URL-encoded in the path
+    path = "/v1/users/ana%20l%C3%B3pez%40example.com"
+    traffic(client, user, 2)
+    assert client.put(f"{path}/opt-out").json()["scrubbed_decisions"] == 2
+    assert decide(client, user_id=user)["arm"] == "opted_out"
+    assert client.delete(path).json()["removed"]["decisions"] == 3
+    for bad in ("x" * 300, "a%00b"):
+        response = client.delete(f"/v1/users/{bad}")
+        assert response.status_code == 422 and response.json()["error"]["field"] == "user_id"
 
 
 # -- opt-out ----------------------------------------------------------------------------------
