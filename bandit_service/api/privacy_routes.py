@@ -50,7 +50,14 @@ async def delete_user(
     user_id: str, service: ServiceDep, keep_opt_out: Annotated[bool, Query()] = False
 ) -> Response:
     removed = await service.delete_user(user_id_param(user_id), keep_opt_out)
-    return json_response({"removed": removed, "total": sum(removed.values())})
+    return json_response(
+        {
+            "removed": removed,
+            "total": sum(removed.values()),
+            "note": "models trained before keep what they learned (weights, not rows); "
+            "see docs/data.md",
+        }
+    )
 
 
 @router.put(
