@@ -13,7 +13,7 @@ such ids cannot be addressed here). Access logs never show them: see
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
@@ -23,6 +23,14 @@ from bandit_service.api.routes import ERRORS, ServiceDep, iso, json_response, kn
 from bandit_service.errors import InvalidRequest
 
 router = APIRouter()
+
+# Access (issue 10, built in parallel as ``bandit_service.api.auth.require``). At merge:
+#   ADMIN = [Depends(require("admin"))]
+#   READ_EVENT = [Depends(require("read", event_param="event_id"))]
+# and classify the five routes below in tests/e2e/test_auth.py (SCOPE_OF and SAMPLE).
+# Deleting a user spans every policy: a policy-restricted admin key should not be admitted.
+ADMIN: list[Any] = []
+READ_EVENT: list[Any] = []
 
 
 def user_id_param(user_id: str) -> str:
@@ -37,6 +45,7 @@ def user_id_param(user_id: str) -> str:
 @router.delete(
     "/v1/users/{user_id}",
     responses=ERRORS,
+    dependencies=ADMIN,
     summary="Delete every stored decision and reward of a user (scope: admin)",
     description=(
         "Removes, on the store, every decision logged with this user's id (by its keyed "
@@ -63,6 +72,7 @@ async def delete_user(
 @router.put(
     "/v1/users/{user_id}/opt-out",
     responses=ERRORS,
+    dependencies=ADMIN,
     summary="Opt a user out of personalization (scope: admin)",
     description=(
         "From now on this user gets the non-personalized popularity ranking (arm "
@@ -79,6 +89,7 @@ async def opt_out(user_id: str, service: ServiceDep) -> Response:
 @router.delete(
     "/v1/users/{user_id}/opt-out",
     responses=ERRORS,
+    dependencies=ADMIN,
     summary="Undo a user's opt-out (scope: admin)",
 )
 async def opt_in(user_id: str, service: ServiceDep) -> Response:
@@ -89,6 +100,7 @@ async def opt_in(user_id: str, service: ServiceDep) -> Response:
 @router.get(
     "/v1/users/{user_id}/opt-out",
     responses=ERRORS,
+    dependencies=ADMIN,
     summary="Whether a user is opted out (scope: admin)",
 )
 async def opt_out_state(user_id: str, service: ServiceDep) -> Response:
@@ -99,6 +111,7 @@ async def opt_out_state(user_id: str, service: ServiceDep) -> Response:
 @router.get(
     "/v1/decisions/{event_id}/explanation",
     responses=ERRORS,
+    dependencies=READ_EVENT,
     summary="Why a decision showed what it showed (scope: read)",
     description=(
         "Per slot: the chosen candidate, whether the slot explored, its probability, the "
