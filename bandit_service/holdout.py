@@ -21,7 +21,7 @@ shown often but never rewarded would; a few lucky impressions cannot outrank a l
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +120,8 @@ class PopularityBoard:
             name: PopularityScores(prior=prior_mean(p)) for name, p in self._policies.items()
         }
         self.wanted: set[str] = set()  # policies asked for popularity by an opted-out user
+        # Users whose earlier decisions no longer count either (issue 10; set by the service).
+        self.opted_out: Container[str] = frozenset()
 
     def get(self, name: str) -> PopularityScores:
         return self._scores[name]
@@ -139,7 +141,13 @@ class PopularityBoard:
         policy = self._policies[name]
         since = now - 6 * policy.popularity_half_life_seconds
         until = now - policy.reward_window_seconds - self._grace  # deferred: checked per row
-        decisions = (d for batch in iter_decisions(self._db, name, since, until) for d in batch)
+        opted_out = self.opted_out
+        decisions = (
+            d
+            for batch in iter_decisions(self._db, name, since, until)
+            for d in batch
+            if d.get("user_key") is None or d["user_key"] not in opted_out
+        )
         scores = compute_popularity(decisions, policy, now, self._grace)
         self._scores[name] = scores
         return scores

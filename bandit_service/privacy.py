@@ -51,7 +51,7 @@ class OptOutRegistry:
         self._since: float | None = None  # None: never loaded
         self._lock = threading.Lock()
 
-    def __contains__(self, user_key: str) -> bool:
+    def __contains__(self, user_key: object) -> bool:
         return user_key in self._keys
 
     def __len__(self) -> int:

@@ -77,6 +77,7 @@ class DecisionService:
         self._user_secret: bytes | None = None
         self.opt_outs = privacy.OptOutRegistry(self.db)  # issue 10
         self.retention = privacy.RetentionJob(self.db, self.policies)
+        self.popularity.opted_out = self.opt_outs
         self._privacy_task: asyncio.Task[None] | None = None
         self._in_flight: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._reload_task: asyncio.Task[None] | None = None

@@ -359,3 +359,17 @@ def test_untrained_model_explanation_says_so(client: TestClient) -> None:
     out = client.get(f"/v1/decisions/{d['event_id']}/explanation").json()
     assert out["explained_with_model_version"] == 0 and "untrained" in out["note"]
     assert out["slots"][0]["features"] == []
+
+
+def test_popularity_leaves_out_what_opted_out_users_did_before(
+    client: TestClient, privacy_settings: Settings
+) -> None:
+    """Rewards of a user who later opts out stop counting in the popularity ranking."""
+    service = client.app.state.service  # type: ignore[attr-defined]
+    for _ in range(5):
+        d = decide(client, user_id=RAW_USER, policy="split", personalize=True, slots=1)
+        client.post(f"/v1/decisions/{d['event_id']}/rewards", json={"value": 1})
+    later = time.time() + 7200  # every reward window closed
+    assert service.popularity.refresh("split", later).scores  # the user's clicks count
+    client.put(f"/v1/users/{RAW_USER}/opt-out")
+    assert service.popularity.refresh("split", later).scores == {}
