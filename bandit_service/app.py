@@ -13,10 +13,12 @@ from bandit_service import __version__
 from bandit_service.api.auth import install_auth
 from bandit_service.api.errors import BodySizeLimit, install_error_handlers
 from bandit_service.api.personalizer import router as personalizer_router
+from bandit_service.api.privacy_routes import router as privacy_router
 from bandit_service.api.routes import router
 from bandit_service.apikeys import load_keyring
 from bandit_service.config import Settings
 from bandit_service.policy import load_policies
+from bandit_service.privacy import install_log_redaction
 from bandit_service.service import DecisionService
 
 
@@ -51,6 +53,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.service = service
     app.include_router(router)
     app.include_router(personalizer_router)  # Azure Personalizer-compatible facade
+    app.include_router(privacy_router)  # issue 10: delete-user, opt-out, explanations
+    install_log_redaction()  # raw user ids in /v1/users/... paths never reach access logs
     install_error_handlers(app)
     install_auth(app, keyring)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

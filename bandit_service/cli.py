@@ -1,4 +1,5 @@
-"""``bandit-service``: serve | migrate | train | report lift | ope | check-policies | keys."""
+"""``bandit-service``: serve | migrate | train | report lift | ope | retention | check-policies |
+keys | import."""
 
 from __future__ import annotations
 
@@ -350,6 +351,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _retention(_args: argparse.Namespace) -> int:
+    """Run the retention job once (issue 10): for cron, or stores no server process serves."""
+    from bandit_service.privacy import RetentionJob
+    from bandit_service.store.database import make_engine
+
+    settings = Settings()
+    policies = load_policies(settings.policies_dir)
+    engine = make_engine(settings.database_url)
+    results = RetentionJob(engine, policies).run_once()
+    engine.dispose()
+    for r in results:
+        print(f"{r.policy}: removed {r.decisions} decisions and {r.rewards} rewards created "
+              f"before {r.cutoff:.0f} in {r.seconds:.2f}s")  # fmt: skip
+    kept = sorted(name for name, p in policies.items() if p.retention_days <= 0)
+    if kept:
+        print(f"no retention_days (kept until deleted): {', '.join(kept)}")
+    return 0
+
+
 def _safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -433,6 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     ope_parser.add_argument("--vw-args", help="the current configuration, for file sources")
     ope_parser.add_argument("--plot", metavar="PNG")
     ope_parser.set_defaults(func=_ope)
+
+    retention = sub.add_parser(
+        "retention", help="remove decisions and rewards older than each policy's retention_days"
+    )
+    retention.set_defaults(func=_retention)
 
     check = sub.add_parser("check-policies", help="validate the policy files and print them")
     check.set_defaults(func=_check_policies)

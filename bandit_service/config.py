@@ -51,6 +51,9 @@ class Settings(BaseSettings):
         default="default",
         description="The policy behind the Azure Personalizer-compatible API (/personalizer).",
     )
+    retention_interval_seconds: float = Field(
+        default=3600.0, gt=0, description="How often retention (policy retention_days) runs."
+    )
     user_hash_secret: str | None = Field(
         default=None,
         description="HMAC key for user ids; unset: a random key is made and kept in the store.",

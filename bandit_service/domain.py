@@ -15,7 +15,9 @@ FeatureValue = FeatureScalar | Sequence[str]
 # A feature map: name -> value, or one level of nesting: namespace -> {name -> value}.
 Features = Mapping[str, Any]
 
-Arm = Literal["bandit", "holdout"]
+# "opted_out": the user asked not to be personalized (request flag or stored opt-out); such
+# decisions show the popularity ranking and are never learned from (issue 10).
+Arm = Literal["bandit", "holdout", "opted_out"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class DecisionRequest:
     user_id: str | None = None
     defer: bool = False
     pins: tuple[tuple[str, int], ...] = ()  # (candidate id, slot index), on top of the policy's
+    personalize: bool = True  # false: the popularity ranking, arm "opted_out" (issue 10)
 
 
 @dataclass(frozen=True)

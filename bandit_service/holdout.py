@@ -21,7 +21,7 @@ shown often but never rewarded would; a few lucky impressions cannot outrank a l
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +79,8 @@ def compute_popularity(
     reward_sum: dict[str, float] = {}
     total = 0.0
     for decision in decisions:
-        if readiness(decision, policy, now, grace) != "learn":
+        # Opted-out users' behaviour is not learned from, popularity included (issue 10).
+        if decision.get("arm") == "opted_out" or readiness(decision, policy, now, grace) != "learn":
             continue
         age = max(0.0, now - decision["created_at"])
         w = 2.0 ** (-age / policy.popularity_half_life_seconds)
@@ -118,6 +119,9 @@ class PopularityBoard:
         self._scores = {
             name: PopularityScores(prior=prior_mean(p)) for name, p in self._policies.items()
         }
+        self.wanted: set[str] = set()  # policies asked for popularity by an opted-out user
+        # Users whose earlier decisions no longer count either (issue 10; set by the service).
+        self.opted_out: Container[str] = frozenset()
 
     def get(self, name: str) -> PopularityScores:
         return self._scores[name]
@@ -131,7 +135,11 @@ class PopularityBoard:
 
     def due(self, name: str, now: float) -> bool:
         policy = self._policies[name]
-        needed = policy.holdout_share > 0 or policy.rules.exploration_distribution == "least_shown"
+        needed = (
+            policy.holdout_share > 0
+            or policy.rules.exploration_distribution == "least_shown"
+            or name in self.wanted  # opted-out users are served this ranking (issue 10)
+        )
         return needed and now - self._scores[name].computed_at >= policy.popularity_refresh_seconds
 
     def refresh(self, name: str, now: float) -> PopularityScores:
@@ -140,7 +148,13 @@ class PopularityBoard:
         policy = self._policies[name]
         since = now - 6 * policy.popularity_half_life_seconds
         until = now - policy.reward_window_seconds - self._grace  # deferred: checked per row
-        decisions = (d for batch in iter_decisions(self._db, name, since, until) for d in batch)
+        opted_out = self.opted_out
+        decisions = (
+            d
+            for batch in iter_decisions(self._db, name, since, until)
+            for d in batch
+            if d.get("user_key") is None or d["user_key"] not in opted_out
+        )
         scores = compute_popularity(decisions, policy, now, self._grace)
         self._scores[name] = scores
         return scores

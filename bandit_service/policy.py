@@ -88,11 +88,23 @@ class PolicyConfig:
     category_feature: str = ""  # candidate feature used for the breadth guardrail
     rules: RuleSet = field(default_factory=RuleSet)  # see bandit_service/rules.py
     description: str = ""
+    # Privacy (issue 10, see docs/data.md): days decisions and rewards are kept (0: until
+    # deleted), and whether features that look like e-mail addresses or phone numbers are
+    # accepted (refused with a 422 naming the feature by default).
+    retention_days: float = 0.0
+    allow_identifier_features: bool = False
 
     @property
     def version(self) -> str:
-        """A short content hash of the configuration (not of the file's bytes or comments)."""
-        payload = json.dumps(asdict(self), sort_keys=True).encode()
+        """A short content hash of the configuration (not of the file's bytes or comments).
+
+        Keys added after the first release count only when set away from their default, so
+        upgrading does not change the version of an unchanged policy file."""
+        values = asdict(self)
+        for key, default in _LATER_KEYS_DEFAULTS.items():
+            if values[key] == default:
+                del values[key]
+        payload = json.dumps(values, sort_keys=True).encode()
         return hashlib.sha256(payload).hexdigest()[:12]
 
     @property
@@ -120,10 +132,16 @@ class PolicyConfig:
 
 
 _KEYS = {f.name for f in fields(PolicyConfig)} - {"name"}
+_LATER_KEYS_DEFAULTS: dict[str, Any] = {
+    "retention_days": 0.0,
+    "allow_identifier_features": False,
+    "model_update_seconds": 0.0,
+}
 _STRING_KEYS = {
     "vw_args", "description", "reward_aggregation", "learning_mode", "holdout_salt",
     "category_feature",
 }  # fmt: skip
+_BOOL_KEYS = {"allow_identifier_features"}
 
 
 def _fail(where: str, message: str) -> PolicyError:
@@ -150,6 +168,11 @@ def parse_policy(name: str, raw: dict[str, Any], where: str = "<policy>") -> Pol
         if key in _STRING_KEYS:
             if not isinstance(value, str):
                 raise _fail(where, f"{key} must be a string")
+        elif key in _BOOL_KEYS:
+            if not isinstance(value, bool):
+                raise _fail(where, f"{key} must be true or false")
+            values[key] = value
+            continue
         elif key == "slots":
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise _fail(where, "slots must be an integer >= 1")
@@ -177,6 +200,14 @@ def parse_policy(name: str, raw: dict[str, Any], where: str = "<policy>") -> Pol
         raise _fail(where, "popularity_refresh_seconds must be at least 1")
     if not 0 <= config.model_update_seconds <= 366 * 24 * 3600:
         raise _fail(where, "model_update_seconds must be between 0 and a year")
+    if not 0 <= config.retention_days <= 100 * 366:
+        raise _fail(where, "retention_days must be between 0 (keep until deleted) and 36600")
+    if 0 < config.retention_days * 86400 <= config.reward_window_seconds:
+        raise _fail(
+            where,
+            "retention_days must exceed the reward window (reward_window_seconds), or "
+            "decisions would be removed before they can be learned",
+        )
     check_vw_args(config.vw_args, where)
     return config
 

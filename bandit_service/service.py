@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -22,11 +23,13 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from bandit_service import privacy
 from bandit_service.config import Settings
 from bandit_service.domain import Decision, DecisionRequest, SlotChoice, to_jsonable
 from bandit_service.engine import DecisionEngine
 from bandit_service.errors import InvalidRequest, NotFound, Unavailable
 from bandit_service.holdout import PopularityBoard
+from bandit_service.identifiers import find_identifier
 from bandit_service.model_registry import ModelRegistry
 from bandit_service.policy import PolicyConfig, PolicyError, load_policy_file
 from bandit_service.reports.lift import collect_outcomes, lift_report
@@ -73,6 +76,10 @@ class DecisionService:
             late_margin_seconds=settings.trainer_commit_grace_seconds / 2,
         )
         self._user_secret: bytes | None = None
+        self.opt_outs = privacy.OptOutRegistry(self.db)  # issue 10
+        self.retention = privacy.RetentionJob(self.db, self.policies)
+        self.popularity.opted_out = self.opt_outs
+        self._privacy_task: asyncio.Task[None] | None = None
         self._in_flight: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._reload_task: asyncio.Task[None] | None = None
         self._popularity_task: asyncio.Task[None] | None = None
@@ -89,12 +96,14 @@ class DecisionService:
         ok, reason = await asyncio.to_thread(check_ready, self.db)
         if ok:
             await asyncio.to_thread(self._load_user_secret)
+            await asyncio.to_thread(self.opt_outs.refresh)
             await asyncio.to_thread(self.models.refresh)
         else:
             log.warning("store not ready at start: %s", reason)
         loop = asyncio.get_running_loop()
         self._reload_task = loop.create_task(self._reload_loop())
         self._popularity_task = loop.create_task(self._popularity_loop())
+        self._privacy_task = loop.create_task(self._privacy_loop())
         self._checkpoint_task = (
             loop.create_task(self._checkpoint_loop()) if self.db.dialect.name == "sqlite" else None
         )
@@ -199,10 +208,30 @@ class DecisionService:
                 log.exception("popularity refresh failed; serving the current ranking")
             await asyncio.sleep(1.0)
 
+    async def _privacy_loop(self) -> None:
+        """Opt-outs stored by other processes (every ``model_reload_seconds``; ``start`` read
+        them all) and retention (every ``retention_interval_seconds``, first run one reload
+        period after start)."""
+        next_retention = 0.0
+        while True:
+            await asyncio.sleep(self.settings.model_reload_seconds)
+            try:
+                await asyncio.to_thread(self.opt_outs.refresh)
+                if time.time() >= next_retention:
+                    next_retention = time.time() + self.settings.retention_interval_seconds
+                    await asyncio.to_thread(self.retention.run_once)
+            except Exception:
+                log.exception("opt-out refresh or retention failed; will retry")
+
     async def close(self) -> None:
         """Flush acknowledged writes, stop the trainer after its current step, stop reloads."""
         await self.writer.close()
-        for task in (self._reload_task, self._popularity_task, self._checkpoint_task):
+        for task in (
+            self._reload_task,
+            self._popularity_task,
+            self._checkpoint_task,
+            self._privacy_task,
+        ):
             if task is not None:
                 task.cancel()
         self._trainer_stop.set()
@@ -241,6 +270,7 @@ class DecisionService:
         group-commit writer still refuses to store an event id twice.
         """
         self._check_limits(request)
+        self._check_identifiers(request)
         pending = self._in_flight.get(request.event_id)
         if pending is not None:  # the same event id is being decided right now
             return await asyncio.shield(pending)
@@ -262,10 +292,17 @@ class DecisionService:
             stored = await asyncio.to_thread(self._find, request.event_id)
             if stored is not None:
                 return stored
-        decision = self.engine.decide(request)
         if request.user_id is not None and self._user_secret is None:
             await asyncio.to_thread(self._load_user_secret)  # the store was not ready at start
         user_key = self.user_key(request.user_id) if request.user_id is not None else None
+        if user_key is not None and request.personalize:
+            if not self.opt_outs.loaded:
+                await asyncio.to_thread(self.opt_outs.refresh)
+            if user_key in self.opt_outs:
+                request = dataclasses.replace(request, personalize=False)
+        if not request.personalize:
+            self.popularity.wanted.add(request.policy)
+        decision = self.engine.decide(request)
         row = decision_row(decision, request, user_key, time.time())
         result = await self.writer.write_decision(row)
         return result.row
@@ -273,6 +310,21 @@ class DecisionService:
     def _find(self, event_id: str) -> dict[str, Any] | None:
         with Session(self.db) as session:
             return repository.get_decision(session, event_id)
+
+    def _check_identifiers(self, request: DecisionRequest) -> None:
+        """Features that look like e-mail addresses or phone numbers are refused unless the
+        policy allows them (issue 10; see bandit_service/identifiers.py)."""
+        policy = self.engine.policy(request.policy)
+        if policy.allow_identifier_features:
+            return
+        found = find_identifier(request)
+        if found is not None:
+            field, kind = found
+            raise InvalidRequest(
+                f"{field} looks like a direct identifier ({kind}); identifiers must not be "
+                f"features (policy {policy.name!r} does not set allow_identifier_features)",
+                field,
+            )
 
     def _check_limits(self, request: DecisionRequest) -> None:
         s = self.settings
@@ -490,6 +542,69 @@ class DecisionService:
 
         return await asyncio.to_thread(compute)
 
+    # -- privacy (issue 10; routes in api/privacy_routes.py) -----------------------------------
+    async def _ready_user_key(self, user_id: str) -> str:
+        if self._user_secret is None:
+            await asyncio.to_thread(self._load_user_secret)
+        return self.user_key(user_id)
+
+    async def set_opt_out(self, user_id: str, opted_out: bool) -> dict[str, Any]:
+        """Store (or undo) a user's opt-out; this process applies it at once."""
+        key = await self._ready_user_key(user_id)
+        state = await asyncio.to_thread(privacy.set_opt_out, self.db, key, opted_out)
+        self.opt_outs.apply(key, opted_out)
+        return state
+
+    async def opt_out_state(self, user_id: str) -> dict[str, Any]:
+        key = await self._ready_user_key(user_id)
+        return await asyncio.to_thread(privacy.opt_out_state, self.db, key)
+
+    async def delete_user(self, user_id: str, keep_opt_out: bool) -> dict[str, int]:
+        """Remove every stored row of a user; returns the rows removed per table."""
+        key = await self._ready_user_key(user_id)
+        counts = await asyncio.to_thread(
+            privacy.delete_user, self.db, key, keep_opt_out=keep_opt_out
+        )
+        if not keep_opt_out:
+            self.opt_outs.apply(key, False)
+        return counts
+
+    async def explain(self, event_id: str, top: int) -> dict[str, Any]:
+        from bandit_service.explain import explain_decision
+
+        row = await asyncio.to_thread(self._find, event_id)
+        if row is None:
+            raise NotFound(f"no decision with event id {event_id!r}", "event_id")
+        policy = self.policies.get(row["policy"])
+        lookup = self._explaining_learner if policy is not None else None
+        mode = policy.learning_mode if policy is not None else "online"
+        return await asyncio.to_thread(explain_decision, row, lookup, top, mode)
+
+    def _explaining_learner(self, name: str, version: int) -> tuple[Any, int, str]:
+        """The model that made a decision, if still stored; else the serving one, noted."""
+        from bandit_service.learners.vw import VWLearner
+        from bandit_service.store.privacy import checkpoint_by_version
+
+        policy = self.policies[name]
+        serving = self.models.get(name)
+        if serving.model_version == version:
+            return serving, version, ""
+        if version == 0:
+            return VWLearner(policy.vw_args), 0, ""
+        with Session(self.db) as session:
+            stored = checkpoint_by_version(session, name, version)
+        if stored is not None and stored["model_key"] == policy.model_key:
+            return VWLearner(policy.vw_args, stored["model"], version), version, ""
+        return (
+            serving,
+            serving.model_version,
+            (
+                f"model version {version} that made this decision is no longer stored (or belongs "
+                f"to an earlier model lineage); explained with the serving model version "
+                f"{serving.model_version}"
+            ),
+        )
+
 
 def _resolve_slot(shown: list[str], slot: int | None, candidate_id: str | None) -> int:
     if candidate_id is not None:
@@ -512,6 +627,9 @@ def decision_row(
 ) -> dict[str, Any]:
     """The stored form of a decision: enough to replay and evaluate it later."""
     slot_features = {s.id: s.features for s in request.slots}
+    # Opted out (issue 10): no context features, nor the caller's exclusions (often a
+    # user's history), are logged; the decision is never learned from.
+    opted_out = decision.arm == "opted_out"
     return {
         "event_id": decision.event_id,
         "policy": decision.policy,
@@ -519,10 +637,10 @@ def decision_row(
         "model_version": decision.model_version,
         "arm": decision.arm,
         "user_key": user_key,
-        "context": _jsonable(request.context),
+        "context": {} if opted_out else _jsonable(request.context),
         "candidates": [{"id": c.id, "features": _jsonable(c.features)} for c in request.candidates],
         "slots": [_slot_json(c, slot_features.get(c.slot_id, {})) for c in decision.slots],
-        "excluded": sorted(request.excluded),
+        "excluded": [] if opted_out else sorted(request.excluded),
         "created_at": created_at,
         "deferred": decision.deferred,
         "activated_at": None,

@@ -32,6 +32,7 @@ from bandit_service.learners.vw import VWLearner
 from bandit_service.policy import PolicyConfig
 from bandit_service.rewards import readiness, slot_rewards
 from bandit_service.store import repository
+from bandit_service.store.privacy import opted_out_among
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,10 @@ class PolicyTrainer:
                 self.options.batch_events,
                 candidates_as_text=True,
             )
+            # Opted-out users are never learned from (issue 10), whatever arm was served.
+            opted_out = opted_out_among(session, (d["user_key"] for d in batch))
+        for decision in batch:
+            decision["opted_out"] = decision["user_key"] in opted_out
         return self._learn_batch(batch, now)
 
     def _load(self, session: Session) -> None:
@@ -194,8 +199,9 @@ class PolicyTrainer:
     def _examples(self, decision: Mapping[str, Any]) -> list[tuple[Any, ...]] | None:
         """One learning example per slot, or None when the event is not learned: holdout
         events (the bandit learns from its own traffic only) and rows that cannot be
-        replayed (logged and skipped, so one bad row cannot stall the log)."""
-        if decision["arm"] != "bandit":
+        replayed (logged and skipped, so one bad row cannot stall the log). Opted-out users'
+        decisions are skipped too (issue 10)."""
+        if decision["arm"] != "bandit" or decision.get("opted_out"):
             return None
         try:
             by_id = self._candidate_set(decision["candidates_text"])

@@ -218,13 +218,19 @@ class Require:
     """The dependency ``require(scope)`` builds; ``scope`` is kept for introspection."""
 
     def __init__(
-        self, scope: Scope, *, policy_param: str | None = None, event_param: str | None = None
+        self,
+        scope: Scope,
+        *,
+        policy_param: str | None = None,
+        event_param: str | None = None,
+        all_policies: bool = False,
     ) -> None:
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r} (known: {', '.join(SCOPES)})")
         self.scope = scope
         self.policy_param = policy_param
         self.event_param = event_param
+        self.all_policies = all_policies
 
     async def __call__(
         self,
@@ -265,6 +271,13 @@ class Require:
         request.state.principal = principal
         await self._check_body_size(request, principal)
         if principal.policies is not None:
+            if self.all_policies:
+                raise AuthError(
+                    403,
+                    "forbidden",
+                    f"key {principal.name!r} is restricted to some policies "
+                    f"({principal.describe_policies()}); this endpoint acts on every policy",
+                )
             await self._check_policy(request, principal)
         return principal
 
@@ -298,10 +311,18 @@ class Require:
 
 
 def require(
-    scope: Scope, *, policy_param: str | None = None, event_param: str | None = None
+    scope: Scope,
+    *,
+    policy_param: str | None = None,
+    event_param: str | None = None,
+    all_policies: bool = False,
 ) -> Require:
-    """A dependency admitting requests whose key has ``scope`` (see the module docstring)."""
-    return Require(scope, policy_param=policy_param, event_param=event_param)
+    """A dependency admitting requests whose key has ``scope`` (see the module docstring).
+    ``all_policies``: the endpoint acts across policies (e.g. deleting a user), so a key
+    restricted to some policies is refused."""
+    return Require(
+        scope, policy_param=policy_param, event_param=event_param, all_policies=all_policies
+    )
 
 
 def _client(request: Request) -> str:

@@ -24,6 +24,7 @@ from bandit_service.errors import (
     Unavailable,
     UnknownPolicy,
 )
+from bandit_service.privacy import redact_user_path
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _on_unexpected(request: Request, exc: Exception) -> Response:
         incident = uuid.uuid4().hex[:12]
-        log.exception("unhandled error %s on %s %s", incident, request.method, request.url.path)
+        path = redact_user_path(request.url.path)  # user ids never reach logs (issue 10)
+        log.exception("unhandled error %s on %s %s", incident, request.method, path)
         return error_response(500, "internal", f"internal error (incident {incident})")
 
 

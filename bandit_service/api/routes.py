@@ -144,6 +144,7 @@ async def decide(
         user_id=body.user_id,
         defer=body.defer,
         pins=tuple((pin.id, pin.slot) for pin in body.pins),
+        personalize=body.personalize,
     )
     row = await service.decide(request, may_exist=body.event_id is not None)
     return json_response(decision_out(row, include == "pmf"))

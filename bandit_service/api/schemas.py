@@ -80,6 +80,12 @@ class DecisionIn(Strict):
     excluded: list[Identifier] = Field(default_factory=list, max_length=10_000)
     event_id: EventId | None = None
     defer: bool = Field(default=False, strict=True)
+    personalize: bool = Field(
+        default=True,
+        strict=True,
+        description="false: serve the non-personalized popularity ranking, log no context "
+        "features and never learn from this decision (a stored opt-out does the same)",
+    )
     pins: list[PinIn] = Field(
         default_factory=list,
         max_length=10_000,
@@ -101,7 +107,7 @@ class DecisionOut(BaseModel):
     event_id: str
     policy: str
     policy_version: str
-    arm: Literal["bandit", "holdout"]
+    arm: Literal["bandit", "holdout", "opted_out"]
     model_version: int
     deferred: bool
     slots: list[SlotOut]

@@ -65,15 +65,21 @@ class DecisionEngine:
         learner = self._learner_for(policy.name)
         # The holdout measures the *learned* policy; apprentice and logging-only policies
         # serve their baseline to everyone.
-        holdout = policy.learning_mode == "online" and in_holdout(
-            policy, request.user_id, request.event_id
+        # An opted-out user (issue 10) gets the non-personalized ranking under its own arm,
+        # which the trainer never learns from: the holdout's popularity ranking (online
+        # policies) or the baseline (apprentice and logging-only, without asking the model).
+        opted_out = not request.personalize
+        holdout = (opted_out and not policy.serves_baseline) or (
+            not opted_out
+            and policy.learning_mode == "online"
+            and in_holdout(policy, request.user_id, request.event_id)
         )
         popularity = (
             self._popularity_for(policy.name)
             if self._popularity_for is not None
             else PopularityScores(prior=0.0)
         )
-        scorer = None if holdout else learner.scorer(request.context, candidates)
+        scorer = None if holdout or opted_out else learner.scorer(request.context, candidates)
         now = self._clock()
         weights = (
             [policy.rules.weight(c.features, now) for c in candidates]
@@ -99,7 +105,6 @@ class DecisionEngine:
                 pmf = [1.0 if i == chosen else 0.0 for i in range(len(ids))]
                 explored = False
             elif policy.serves_baseline:
-                assert scorer is not None
                 chosen, pmf, model_id = self._baseline(policy, scorer, k, slot, ids, allowed)
                 explored = False
             else:
@@ -124,7 +129,7 @@ class DecisionEngine:
             policy=policy.name,
             policy_version=policy.version,
             model_version=learner.model_version,
-            arm="holdout" if holdout else "bandit",
+            arm="opted_out" if opted_out else "holdout" if holdout else "bandit",
             slots=tuple(choices),
             deferred=request.defer,
         )
@@ -168,7 +173,7 @@ class DecisionEngine:
     @staticmethod
     def _baseline(
         policy: PolicyConfig,
-        scorer: SlotScorer,
+        scorer: SlotScorer | None,
         k: int,
         slot: Slot,
         ids: list[str],
@@ -192,7 +197,7 @@ class DecisionEngine:
             )
         pmf = [1.0 if i == chosen else 0.0 for i in range(len(ids))]
         model_id = None
-        if policy.learning_mode == "apprentice":
+        if policy.learning_mode == "apprentice" and scorer is not None:
             model_pmf = scorer.pmf(k, slot.features, allowed)
             model_id = ids[sampling.greedy(model_pmf)]
         return chosen, pmf, model_id

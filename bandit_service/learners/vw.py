@@ -80,6 +80,18 @@ class VWLearner:
             finally:
                 _pylibvw.vw._finish_example_multi_ex(self._ws, examples)
 
+    def action_scores(self, lines: list[str]) -> list[float]:
+        """The model's score (predicted cost, lower is better) of each action line after the
+        shared line ``lines[0]``: VW's per-example partial prediction, before exploration
+        turns scores into a pmf. Explanations ablate features and compare these scores."""
+        with self._lock:
+            examples = self._ws._parse("\n".join(lines))
+            try:
+                _pylibvw.vw.predict_multi(self._ws, examples)
+                return [float(e.get_partial_prediction()) for e in examples[1:]]
+            finally:
+                _pylibvw.vw._finish_example_multi_ex(self._ws, examples)
+
     def learn_lines(self, lines: list[str]) -> None:
         with self._lock:
             examples = self._ws._parse("\n".join(lines))

@@ -12,8 +12,9 @@ rewardAggregation          ``reward_aggregation`` (earliest -> first, sum, last)
 learningMode               ``learning_mode`` (Online, Apprentice, LoggingOnly)
 modelExportFrequency       ``model_update_seconds`` (minimum time between model swaps)
 PolicyContract.arguments   ``vw_args``
-logRetentionDays,          kept by the facade (store table ``service_meta``) and
-modelRetrainDays, name     returned as set; see docs/migrating-from-personalizer.md
+logRetentionDays           ``retention_days`` (-1, forever -> 0, keep until deleted)
+modelRetrainDays, name     kept by the facade (store table ``service_meta``) and
+                           returned as set; see docs/migrating-from-personalizer.md
 =========================  ===========================================================
 
 An update edits the policy's TOML file (comments and other keys kept), is validated as a
@@ -262,18 +263,27 @@ def policy_updates(
             raise ConfigurationError("learningMode", "must be Online, Apprentice or LoggingOnly")
         if mode != policy.learning_mode:
             updates["learning_mode"] = mode
+    if body.get("logRetentionDays") is not None:
+        days = body["logRetentionDays"]
+        if isinstance(days, bool) or not isinstance(days, int) or days < -1 or days == 0:
+            raise ConfigurationError("logRetentionDays", "must be -1 (forever) or a positive "
+                                     "number of days")  # fmt: skip
+        retention = 0.0 if days == -1 else float(days)
+        if 0 < retention * 86400 <= updates.get("reward_window_seconds",
+                                                 policy.reward_window_seconds):  # fmt: skip
+            raise ConfigurationError(
+                "logRetentionDays",
+                "must exceed the reward wait time, or events would be removed before "
+                "they can be learned",
+            )
+        if retention != policy.retention_days:
+            updates["retention_days"] = retention
     return updates
 
 
 def facade_updates(body: dict[str, Any]) -> dict[str, Any]:
     """The settings the facade keeps itself, validated."""
     out: dict[str, Any] = {}
-    if body.get("logRetentionDays") is not None:
-        days = body["logRetentionDays"]
-        if isinstance(days, bool) or not isinstance(days, int) or days < -1 or days == 0:
-            raise ConfigurationError("logRetentionDays", "must be -1 (forever) or a positive "
-                                     "number of days")  # fmt: skip
-        out["logRetentionDays"] = days
     if body.get("modelRetrainDays") is not None:
         days = body["modelRetrainDays"]
         if isinstance(days, bool) or not isinstance(days, int) or days < 0:
@@ -292,7 +302,7 @@ def service_configuration(
         "explorationPercentage": exploration_of(policy.vw_args),
         "modelExportFrequency": format_duration(policy.model_update_seconds or reload_seconds),
         "logMirrorEnabled": False,
-        "logRetentionDays": state.get("logRetentionDays", -1),
+        "logRetentionDays": math.ceil(policy.retention_days) if policy.retention_days else -1,
         "lastConfigurationEditDate": state.get("lastConfigurationEditDate"),
         "learningMode": MODE_FROM_POLICY[policy.learning_mode],
         "isAutoOptimizationEnabled": False,

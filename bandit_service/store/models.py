@@ -58,6 +58,7 @@ class DecisionRow(Base):
     __table_args__ = (
         Index("ix_decisions_policy_created", "policy", "created_at"),
         Index("ix_decisions_policy_position", "policy", "position"),
+        Index("ix_decisions_user_key", "user_key"),  # delete-user (migration 0005_privacy)
     )
 
 
@@ -134,3 +135,19 @@ class TrainerLeaseRow(Base):
     policy: Mapped[str] = mapped_column(String(64), primary_key=True)
     owner: Mapped[str] = mapped_column(String(64), nullable=False)
     expires_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class UserOptOutRow(Base):
+    """A user's stored choice not to be personalized (issue 10), by keyed hash of the id.
+
+    Undoing an opt-out keeps the row with ``opted_out`` false, so serving processes that
+    read changes since a time (``updated_at``) see the undo as well as the opt-out.
+    """
+
+    __tablename__ = "user_opt_outs"
+
+    user_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    opted_out: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    updated_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+    __table_args__ = (Index("ix_user_opt_outs_updated", "updated_at"),)

@@ -32,6 +32,11 @@ SCOPE_OF: dict[tuple[str, str], str] = {
     ("GET", "/v1/policies/{name}"): "read",
     ("GET", "/v1/policies/{name}/lift"): "read",
     ("GET", "/v1/policies/{name}/ope"): "read",
+    ("GET", "/v1/decisions/{event_id}/explanation"): "read",
+    ("DELETE", "/v1/users/{user_id}"): "admin",
+    ("PUT", "/v1/users/{user_id}/opt-out"): "admin",
+    ("DELETE", "/v1/users/{user_id}/opt-out"): "admin",
+    ("GET", "/v1/users/{user_id}/opt-out"): "admin",
     ("GET", "/healthz"): "open",
     ("GET", "/readyz"): "open",
     ("GET", "/openapi.json"): "open",
@@ -54,6 +59,13 @@ SAMPLE: dict[tuple[str, str], tuple[str, Any, int]] = {
         "/v1/policies/default/lift?replicates=5&until=2100-01-01", None, 200,
     ),
     ("GET", "/v1/policies/{name}/ope"): ("/v1/policies/default/ope?replicates=5", None, 200),
+    ("GET", "/v1/decisions/{event_id}/explanation"): (
+        "/v1/decisions/evt-m/explanation", None, 200,
+    ),
+    ("DELETE", "/v1/users/{user_id}"): ("/v1/users/someone-else", None, 200),
+    ("PUT", "/v1/users/{user_id}/opt-out"): ("/v1/users/u-opt/opt-out", None, 200),
+    ("DELETE", "/v1/users/{user_id}/opt-out"): ("/v1/users/u-opt/opt-out", None, 200),
+    ("GET", "/v1/users/{user_id}/opt-out"): ("/v1/users/u-opt/opt-out", None, 200),
     ("GET", "/healthz"): ("/healthz", None, 200),
     ("GET", "/readyz"): ("/readyz", None, 200),
     ("GET", "/openapi.json"): ("/openapi.json", None, 200),
@@ -302,6 +314,8 @@ def test_policy_restriction(settings: Settings) -> None:
     keys = Keys()
     full = keys.add("full", ["decide", "read"])
     bounded = keys.add("bounded-only", ["decide", "read"], policies=["bounded"])
+    bounded_admin = keys.add("bounded-admin", ["admin"], policies=["bounded"])
+    admin = keys.add("admin", ["admin"])
     app = create_app(with_keys(settings, keys))
 
     async def run() -> None:
@@ -346,6 +360,14 @@ def test_policy_restriction(settings: Settings) -> None:
             assert [p["name"] for p in listed.json()["policies"]] == ["bounded"]
             everything = await client.get("/v1/policies", headers=bearer(full))
             assert {p["name"] for p in everything.json()["policies"]} == {"bounded", "default"}
+
+            # A user's rows span every policy: only an unrestricted admin key may act on them.
+            for method in ("DELETE", "PUT"):
+                url = "/v1/users/u1" + ("/opt-out" if method == "PUT" else "")
+                narrow = await client.request(method, url, headers=bearer(bounded_admin))
+                assert narrow.status_code == 403, narrow.text
+                assert "every policy" in narrow.json()["error"]["message"]
+                assert (await client.request(method, url, headers=bearer(admin))).is_success
 
     asyncio.run(run())
 

@@ -187,6 +187,7 @@ def test_configuration_read_and_update(
     assert written["reward_window_seconds"] == 600 and written["reward_aggregation"] == "first"
     assert "--epsilon 0.3" in written["vw_args"] and written["holdout_share"] == 0
     assert written["model_update_seconds"] == 60  # modelExportFrequency PT1M
+    assert written["retention_days"] == 30  # logRetentionDays
     after = httpx.get(f"{base}/v1/policies/default").json()
     assert after["policy"]["version"] != before["policy"]["version"]
     assert after["model"]["model_key"] == before["model"]["model_key"]  # exploration only

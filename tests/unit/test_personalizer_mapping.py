@@ -139,3 +139,20 @@ def test_deep_nesting_is_refused_not_a_crash() -> None:
         value = {"x": value}
     with pytest.raises(FeatureError, match="nested more than"):
         to_feature_map([{"ns": value}], "contextFeatures")
+
+
+def test_log_retention_days_maps_onto_retention_days() -> None:
+    from bandit_service.personalizer.configuration import ConfigurationError, policy_updates
+    from bandit_service.policy import parse_policy
+
+    policy = parse_policy("p", {"reward_window_seconds": 3600})
+    assert policy_updates({"logRetentionDays": 30}, policy) == {"retention_days": 30.0}
+    assert policy_updates({"logRetentionDays": -1}, policy) == {}  # forever: already 0
+    kept = parse_policy("p", {"retention_days": 30})
+    assert policy_updates({"logRetentionDays": -1}, kept) == {"retention_days": 0.0}
+    for bad in (0, -2, 1.5, True, "30"):
+        with pytest.raises(ConfigurationError, match="logRetentionDays"):
+            policy_updates({"logRetentionDays": bad}, policy)
+    short = parse_policy("p", {"reward_window_seconds": 3 * 86400})
+    with pytest.raises(ConfigurationError, match="reward wait time"):
+        policy_updates({"logRetentionDays": 2}, short)

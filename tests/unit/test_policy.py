@@ -62,3 +62,16 @@ def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
 def test_empty_folder_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="no"):
         load_policies(tmp_path)
+
+
+def test_keys_added_later_change_the_version_only_away_from_their_default() -> None:
+    """Upgrading the service must not turn an unchanged policy file into a new version."""
+    plain = parse_policy("p", {})
+    for key, value in (
+        ("retention_days", 30),
+        ("allow_identifier_features", True),
+        ("model_update_seconds", 60),
+    ):
+        explicit_default = parse_policy("p", {key: getattr(plain, key)})
+        assert explicit_default.version == plain.version, key
+        assert parse_policy("p", {key: value}).version != plain.version, key

@@ -1,0 +1,34 @@
+"""Privacy (issue 10): stored per-user opt-outs, and an index to find one user's decisions.
+
+The index on ``decisions.user_key`` makes ``DELETE /v1/users/{user_id}`` an index look-up
+instead of a scan of the whole log.
+
+Revision ID: 0005_privacy
+Revises: 0003
+Create Date: 2026-11-22
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0005_privacy"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "user_opt_outs",
+        sa.Column("user_key", sa.String(64), primary_key=True),
+        sa.Column("opted_out", sa.Boolean, nullable=False),
+        sa.Column("updated_at", sa.Float, nullable=False),
+    )
+    op.create_index("ix_user_opt_outs_updated", "user_opt_outs", ["updated_at"])
+    op.create_index("ix_decisions_user_key", "decisions", ["user_key"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_decisions_user_key", table_name="decisions")
+    op.drop_index("ix_user_opt_outs_updated", table_name="user_opt_outs")
+    op.drop_table("user_opt_outs")
