@@ -123,6 +123,19 @@ class Estimate:
         }
 
 
+def overlap_warnings(ess: float, rows: int, max_weight: float) -> tuple[str, ...]:
+    """Warnings when the estimate rests on a few rows (see the module docstring)."""
+    warnings = []
+    if ess < max(30.0, 0.01 * rows):
+        warnings.append(
+            f"poor overlap: effective sample size {ess:.1f} of {rows} rows; the estimate "
+            "rests on a few rows"
+        )
+    if max_weight > MAX_WEIGHT_WARNING:
+        warnings.append(f"poor overlap: an importance weight of {max_weight:.4g}")
+    return tuple(warnings)
+
+
 class Estimator:
     """Base: subclasses give the per-row terms whose mean is the estimate."""
 
@@ -166,14 +179,7 @@ class Estimator:
         ess = float(weights.sum() ** 2 / np.sum(weights**2)) if np.any(weights) else 0.0
         max_weight = float(weights.max())
         n = len(weights)
-        warnings = []
-        if ess < max(30.0, 0.01 * n):
-            warnings.append(
-                f"poor overlap: effective sample size {ess:.1f} of {n} rows; the estimate "
-                "rests on a few rows"
-            )
-        if max_weight > MAX_WEIGHT_WARNING:
-            warnings.append(f"poor overlap: an importance weight of {max_weight:.4g}")
+        warnings = overlap_warnings(ess, n, max_weight)
         return Estimate(
             estimator=self.name,
             value=value,
@@ -182,7 +188,7 @@ class Estimator:
             effective_sample_size=ess,
             max_weight=max_weight,
             rows=n,
-            warnings=tuple(warnings),
+            warnings=warnings,
         )
 
 
