@@ -98,8 +98,9 @@ class Chunk:
         return np.repeat(np.arange(len(self)), self.sizes)
 
 
-# A source: called with ``light=True`` it may leave out everything but the scalar columns.
-Source = Callable[[bool], Iterator[Chunk]]
+# A source is called with a mode: "light" may leave out all but the scalar columns (created_at,
+# chosen_code, propensity, reward), "full" has the candidates, "rows" also the SlotRows.
+Source = Callable[[str], Iterator[Chunk]]
 
 
 def chunks_from_rows(
@@ -109,7 +110,7 @@ def chunks_from_rows(
     ordered = sorted(rows, key=lambda r: r.created_at)
     vocab = vocabulary or Vocabulary()
 
-    def source(light: bool) -> Iterator[Chunk]:
+    def source(_mode: str) -> Iterator[Chunk]:
         for start in range(0, len(ordered), chunk_rows):
             part = ordered[start : start + chunk_rows]
             sizes = [len(r.eligible) for r in part]
@@ -334,19 +335,23 @@ def evaluate_stream(
         raise ValueError(f"unknown estimator(s) {unknown}; known: {sorted(ESTIMATORS)}")
     model = CrossFittedModel()
     rows = 0
-    for chunk in source(True):
+    for chunk in source("light"):
         model.add(chunk)
         rows += len(chunk)
         if progress is not None:
             progress("reward model", rows)
     if rows == 0:
         raise ValueError("no rows to evaluate (nothing logged with probability < 1?)")
+    for target in targets.values():  # e.g. a VW configuration learns the whole log first
+        prepare = getattr(target, "prepare", None)
+        if prepare is not None:
+            prepare(source, progress)
     instances: list[Estimator] = [ESTIMATORS[e]() for e in estimators]
     state = {name: _TargetSums({e.name: _Sums() for e in instances}) for name in targets}
     boot: np.ndarray | None = None
     denominators: dict[tuple[str, str], int] = {}  # column of each ratio's denominator
     done = 0
-    for chunk in source(False):
+    for chunk in source("full"):
         q = model.predict(chunk)
         at_chosen = chunk.chosen_flat()
         columns: list[np.ndarray] = [np.ones(len(chunk))]

@@ -162,18 +162,22 @@ def table_source(
     vocabulary: Vocabulary | None = None,
 ) -> Source:
     """A :data:`~bandit_service.ope.stream.Source` over a CSV or Parquet log. ``stats``
-    counts what the full (non-light) pass read; ``with_rows`` also builds the
-    :class:`SlotRow` objects that feature-based targets (VW) need."""
+    counts what the "full" pass read; ``with_rows`` builds the :class:`SlotRow` objects
+    (which feature-based targets such as VW need) in every pass, not only in "rows"."""
     file = Path(path)
     if not file.exists():
         raise ValueError(f"{file}: no such file")
     vocab = vocabulary or Vocabulary()
 
-    def source(light: bool) -> Iterator[Chunk]:
+    def source(mode: str) -> Iterator[Chunk]:
         kept = 0
         seen = 0
+        light = mode == "light"
+        rows = with_rows or mode == "rows"
         for raw in _raw_chunks(file, chunk_rows, light):
-            chunk = _chunk(file, raw, seen, kept, vocab, light, with_rows, stats)
+            chunk = _chunk(
+                file, raw, seen, kept, vocab, light, rows, stats if mode == "full" else None
+            )
             seen += len(raw["chosen"])
             if chunk is None:
                 continue
@@ -191,7 +195,7 @@ def _chunk(
     vocab: Vocabulary,
     light: bool,
     with_rows: bool,
-    stats: LogStats,
+    stats: LogStats | None,
 ) -> Chunk | None:
     n = len(raw["chosen"])
     probability = _numbers(path, "probability", raw["probability"], seen)
@@ -207,7 +211,7 @@ def _chunk(
         else np.arange(seen, seen + n, dtype=float)
     )
     keep = np.flatnonzero(probability < 1.0)
-    if not light:
+    if stats is not None:
         stats.decisions += n
         stats.skipped_deterministic += n - len(keep)
         stats.rows += len(keep)
@@ -287,7 +291,7 @@ def _chunk(
 def rows_from_table(path: str | Path, stats: LogStats) -> list[SlotRow]:
     """Every row of a CSV or Parquet log in memory (for VW targets, sweeps and pages)."""
     out: list[SlotRow] = []
-    for chunk in table_source(path, stats, with_rows=True)(False):
+    for chunk in table_source(path, stats, with_rows=True)("full"):
         assert chunk.rows is not None
         out.extend(chunk.rows)
     return out
