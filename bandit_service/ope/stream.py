@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -56,12 +56,25 @@ class Vocabulary:
 
 
 @dataclass
+class RowFeatures:
+    """What a VW target renders, straight from a file's parsed JSON (no per-row objects):
+    per row its context, slot index, slot features and candidates, each candidate a
+    ``{"id": ..., "features": {...}}`` object or a bare id."""
+
+    contexts: list[Any]
+    slots: list[int]
+    slot_features: list[Any]
+    candidates: list[Any]
+
+
+@dataclass
 class Chunk:
     """Consecutive rows of a log, as columns.
 
-    ``candidates`` (codes) and the per-candidate columns (``logged_pmf``, ``explicit[...]``)
-    are flattened; row i's candidates are ``offsets[i]:offsets[i + 1]``. ``rows`` holds
-    the rows' features (contexts, candidates' features) when a target needs them.
+        ``candidates`` (codes) and the per-candidate columns (``logged_pmf``, ``explicit[...]``)
+        are flattened; row i's candidates are ``offsets[i]:offsets[i + 1]``. ``rows`` holds
+        the rows as objects (in-memory sources) and ``features`` what a VW target renders (files,
+    in the "rows" mode).
     """
 
     first_row: int
@@ -75,6 +88,7 @@ class Chunk:
     logged_pmf: np.ndarray | None = None
     explicit: dict[str, np.ndarray] = field(default_factory=dict)
     rows: Sequence[SlotRow] | None = None
+    features: RowFeatures | None = None
 
     def __len__(self) -> int:
         return len(self.reward)
@@ -335,6 +349,8 @@ def evaluate_stream(
         raise ValueError(f"unknown estimator(s) {unknown}; known: {sorted(ESTIMATORS)}")
     model = CrossFittedModel()
     rows = 0
+    if progress is not None:
+        progress("reward model", 0)
     for chunk in source("light"):
         model.add(chunk)
         rows += len(chunk)
@@ -351,6 +367,8 @@ def evaluate_stream(
     boot: np.ndarray | None = None
     denominators: dict[tuple[str, str], int] = {}  # column of each ratio's denominator
     done = 0
+    if progress is not None:
+        progress("evaluation", 0)
     for chunk in source("full"):
         q = model.predict(chunk)
         at_chosen = chunk.chosen_flat()

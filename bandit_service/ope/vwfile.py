@@ -64,21 +64,12 @@ class ProgressiveVWTarget:
         reader.start()
         cache = vw_text.ActionLineCache()
         done = 0
+        if progress is not None:
+            progress(f"vw:{self.vw_args}", 0)
         try:
             for chunk in source("rows"):
-                if chunk.rows is None:
-                    raise ValueError("a VW target needs the rows' features")
                 sizes.put(chunk.sizes)
-                lines: list[str] = []
-                for row in chunk.rows:
-                    lines.append(vw_text.shared_line(row.context, row.slot, row.slot_features))
-                    for index, candidate in enumerate(row.eligible):
-                        line = cache.line(candidate.id, candidate.features)
-                        if index == row.chosen:
-                            cost = cost_from_reward(row.reward)
-                            line = f"0:{cost!r}:{row.propensity!r}{line}"
-                        lines.append(line)
-                    lines.append("")
+                lines = _render(chunk, cache)
                 lines.append("")
                 child.stdin.write("\n".join(lines).encode("utf-8"))
                 done += len(chunk)
@@ -116,6 +107,45 @@ class ProgressiveVWTarget:
         if self._directory is not None:
             self._directory.cleanup()
             self._directory = None
+
+
+def _render(chunk: Chunk, cache: vw_text.ActionLineCache) -> list[str]:
+    """The chunk's rows as VW multi-line examples, exactly as VWLearner.learn_slot builds
+    them: the shared line, then each eligible candidate, the label on the logged one."""
+    lines: list[str] = []
+    labels = [
+        f"0:{cost_from_reward(float(r))!r}:{float(p)!r}"
+        for r, p in zip(chunk.reward, chunk.propensity, strict=True)
+    ]
+    assert chunk.chosen is not None
+    chosen = chunk.chosen.tolist()
+    if chunk.rows is not None:
+        for i, row in enumerate(chunk.rows):
+            lines.append(vw_text.shared_line(row.context, row.slot, row.slot_features))
+            lines.extend(cache.line(c.id, c.features) for c in row.eligible)
+            lines[len(lines) - len(row.eligible) + chosen[i]] = (
+                labels[i] + lines[len(lines) - len(row.eligible) + chosen[i]]
+            )
+            lines.append("")
+        return lines
+    features = chunk.features
+    if features is None:
+        raise ValueError("a VW target needs the rows' features")
+    for i, candidates in enumerate(features.candidates):
+        lines.append(
+            vw_text.shared_line(
+                features.contexts[i] or {}, features.slots[i], features.slot_features[i] or {}
+            )
+        )
+        for c in candidates:
+            if isinstance(c, dict):
+                lines.append(cache.line(str(c["id"]), c.get("features") or {}))
+            else:
+                lines.append(cache.line(str(c), {}))
+        at = len(lines) - len(candidates) + chosen[i]
+        lines[at] = labels[i] + lines[at]
+        lines.append("")
+    return lines
 
 
 def _read_predictions(
