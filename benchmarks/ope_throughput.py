@@ -4,7 +4,8 @@
         [--no-vw] [--replicates 1000] [--chunk-rows 50000] [--profile ope-profile.txt]
         [--plot ope-benchmark.png]
 
-Writes (once, cached at ``--data``) a synthetic log in the project's Parquet schema: 20
+Writes (once, cached at ``--data``) a synthetic log in the project's Parquet schema
+(nested columns, as ``bandit_service.ope.table.write_table`` writes them): 20
 items, 5 eligible per row with one feature each, a 2-feature context, an epsilon-greedy
 logging policy with its pmf, Bernoulli rewards, and a ``target_softmax`` column (explicit
 probabilities of a policy "built elsewhere"). Then times ``evaluate_stream`` on it, the
@@ -23,6 +24,7 @@ the uniform and softmax targets; they are printed next to the estimates.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import subprocess
@@ -31,7 +33,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import orjson
 
 ITEMS = 20
 PER_ROW = 5
@@ -53,8 +54,6 @@ def generate(path: Path, events: int, seed: int = 0) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     writer = None
     truth = {"uniform": 0.0, "explicit:softmax": 0.0}
-    item_json = [orjson.dumps({"id": f"item-{i}", "features": {"topic": f"t{i % SEGMENTS}"}})
-                 for i in range(ITEMS)]  # fmt: skip
     chunk = 100_000
     for start in range(0, events, chunk):
         n = min(chunk, events - start)
@@ -73,24 +72,35 @@ def generate(path: Path, events: int, seed: int = 0) -> dict[str, float]:
         softmax /= softmax.sum(axis=1, keepdims=True)
         truth["uniform"] += float(rate.mean(axis=1).sum())
         truth["explicit:softmax"] += float((softmax * rate).sum())
-        ids = [[f"item-{i}" for i in row] for row in items]
+        names = np.asarray([f"item-{i}" for i in range(ITEMS)], dtype=object)
+        features = np.asarray(
+            [f'{{"topic":"t{i % SEGMENTS}"}}' for i in range(ITEMS)], dtype=object
+        )
+        offsets = pa.array(np.arange(0, n * PER_ROW + 1, PER_ROW, dtype=np.int32))
+        flat_items = items.ravel()
+        candidates = pa.ListArray.from_arrays(
+            offsets,
+            pa.StructArray.from_arrays(
+                [
+                    pa.array(names[flat_items], pa.string()),
+                    pa.array(features[flat_items], pa.string()),
+                ],
+                names=["id", "features"],
+            ),
+        )
+        contexts = [f'{{"device":"{"mobile" if d else "desktop"}","user":{{"segment":"s{s}"}}}}'
+                    for d, s in zip(device, segment, strict=True)]  # fmt: skip
         columns = {
             "event_id": [f"e{start + i}" for i in range(n)],
             "created_at": (1.7e9 + np.arange(start, start + n)).astype(float),
             "slot": np.zeros(n, dtype=np.int64),
-            "context": [
-                orjson.dumps({"device": "mobile" if d else "desktop", "user": {"segment": f"s{s}"}})
-                .decode() for d, s in zip(device, segment, strict=True)
-            ],  # fmt: skip
-            "candidates": [(b"[" + b",".join(item_json[i] for i in row) + b"]").decode()
-                           for row in items],  # fmt: skip
-            "chosen": [ids[i][c] for i, c in enumerate(chosen)],
+            "context": contexts,
+            "candidates": candidates,
+            "chosen": pa.array(names[items[np.arange(n), chosen]], pa.string()),
             "probability": pmf[np.arange(n), chosen],
             "reward": reward,
-            "pmf": [orjson.dumps([[c, p] for c, p in zip(r, q, strict=True)]).decode()
-                    for r, q in zip(ids, pmf.tolist(), strict=True)],  # fmt: skip
-            "target_softmax": [orjson.dumps([[c, p] for c, p in zip(r, q, strict=True)]).decode()
-                               for r, q in zip(ids, softmax.tolist(), strict=True)],  # fmt: skip
+            "pmf": pa.ListArray.from_arrays(offsets, pa.array(pmf.ravel())),
+            "target_softmax": pa.ListArray.from_arrays(offsets, pa.array(softmax.ravel())),
         }
         table = pa.table(columns)
         if writer is None:
@@ -143,14 +153,15 @@ def main() -> None:
         targets[f"vw:{VW_ARGS}"] = ProgressiveVWTarget(VW_ARGS)
     stats = LogStats()
     started = time.perf_counter()
-    marks: list[tuple[str, float]] = []
+    marks: list[tuple[str, float, float]] = []
 
     def progress(what: str, done: int) -> None:
         if not marks or marks[-1][0] != what:
-            marks.append((what, time.perf_counter()))
+            marks.append((what, time.perf_counter(), time.process_time()))
         print(f"\r  {what}: {done} rows   ", end="", file=sys.stderr, flush=True)
 
     reference_before = reference_seconds()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     profiler = None
     if args.profile:
         from pyinstrument import Profiler
@@ -181,10 +192,13 @@ def main() -> None:
     print(format_table(results, stats))
     for name, value in truth.items():
         print(f"true value of {name}: {value:.5f}")
-    phases = [(what, at) for what, at in marks] + [("end", started + elapsed)]
-    print("\nphases (first progress report of each, seconds from start):")
-    for (what, at), (_next, until) in zip(phases, phases[1:], strict=False):
-        print(f"  {what:<55} {at - started:7.1f} -> {until - started:7.1f}")
+    phases = [*marks, ("end", started + elapsed, cpu_before + cpu)]
+    print("\nphases: wall seconds from the start, and CPU seconds of this process in each")
+    for (what, at, cpu_at), (_next, until, cpu_until) in itertools.pairwise(phases):
+        print(f"  {what:<48} {at - started:7.1f} -> {until - started:7.1f}  "
+              f"CPU {cpu_until - cpu_at:6.1f}")  # fmt: skip
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"  CPU of the VW child process: {children.ru_utime + children.ru_stime:.1f} s")
     reference = (reference_before + reference_after) / 2
     print(
         f"\n{stats.rows} rows x {len(targets)} targets x 5 estimators, {args.replicates} "
@@ -192,7 +206,8 @@ def main() -> None:
         f"{cpu:.1f} s CPU in this process\n"
         f"numpy reference: {reference_before:.2f} s before, {reference_after:.2f} s after; "
         f"benchmark / reference = {elapsed / reference:.0f}\n"
-        f"peak RSS: {self_rss:.0f} MB this process, {child_rss:.0f} MB largest child"
+        f"peak RSS: {self_rss:.0f} MB this process ({rss_before:.0f} MB before the "
+        f"evaluation, with the reference's arrays), {child_rss:.0f} MB largest child"
     )
     if args.plot:
         from bandit_service.ope.evaluate import plot
