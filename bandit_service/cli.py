@@ -285,6 +285,9 @@ def _ope_sweep(
             out = Path(args.write_policy or f"{policy_file.stem}.recommended.toml")
             sweep.write_recommended_policy(policy_file, recommended["vw_args"], out)
             report["sweep"]["written_to"] = str(out)
+    if args.sweep and args.plot:
+        sweep.plot_sweep(report["sweep"], args.plot, "VW configurations ranked by DR")
+        print(f"plot written to {args.plot}", file=sys.stderr)
     if args.importance:
         print("  leaving one namespace out at a time...", file=sys.stderr)
         report["importance"] = sweep.feature_importance(rows, current)
