@@ -65,6 +65,8 @@ class RowFeatures:
     slots: list[int]
     slot_features: list[Any]
     candidates: list[Any]
+    # or, flattened (see Chunk.offsets): each candidate's id and features as JSON text
+    candidate_keys: list[tuple[str, str]] | None = None
 
 
 @dataclass

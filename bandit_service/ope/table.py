@@ -351,7 +351,12 @@ def _chunk(
     if with_rows:
         chunk.rows = _slot_rows(path, raw, kept_values, _listed(listed), chunk, rows_in_file)
     elif mode == "rows":
-        chunk.features = _row_features(path, raw, kept_values, _listed(listed), rows_in_file)
+        keys = _feature_keys(column_values)
+        chunk.features = _row_features(
+            path, raw, kept_values, [] if keys is not None else _listed(listed), rows_in_file,
+            len(keep),
+        )  # fmt: skip
+        chunk.features.candidate_keys = keys
     return chunk
 
 
@@ -475,10 +480,31 @@ def _probability_column(
     )
 
 
+def _feature_keys(values: Any) -> list[tuple[str, str]] | None:
+    """For nested Parquet candidates with features as JSON text: (id, text) per flattened
+    candidate, read column-wise, so a VW target renders each distinct candidate once."""
+    if not _is_arrow_list(values):
+        return None
+    import pyarrow as pa
+
+    flat = values.flatten()
+    if not pa.types.is_struct(flat.type) or flat.type.get_field_index("features") < 0:
+        return None
+    texts = flat.field("features")
+    if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
+        return None
+    ids = flat.field("id").cast(pa.string()).to_pylist()
+    return list(zip(ids, texts.fill_null("").to_pylist(), strict=True))
+
+
 def _row_features(
-    path: Path, raw: dict[str, Any], kept_values: Any, listed: list[Any], rows_in_file: np.ndarray
+    path: Path,
+    raw: dict[str, Any],
+    kept_values: Any,
+    listed: list[Any],
+    rows_in_file: np.ndarray,
+    n: int,
 ) -> RowFeatures:
-    n = len(listed)
     return RowFeatures(
         contexts=_json_column(kept_values("context"), path, rows_in_file, "context")
         if "context" in raw

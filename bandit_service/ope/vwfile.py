@@ -24,10 +24,11 @@ from collections.abc import Callable
 from typing import IO
 
 import numpy as np
+import orjson
 
 from bandit_service.learners import vw_text
 from bandit_service.learners.vw import cost_from_reward, workspace_args
-from bandit_service.ope.stream import Chunk, Source
+from bandit_service.ope.stream import Chunk, RowFeatures, Source
 
 _CHILD = """
 import sys, vowpalwabbit
@@ -131,6 +132,8 @@ def _render(chunk: Chunk, cache: vw_text.ActionLineCache) -> list[str]:
     features = chunk.features
     if features is None:
         raise ValueError("a VW target needs the rows' features")
+    if features.candidate_keys is not None:
+        return _render_keyed(chunk, features, labels, chosen, cache)
     for i, candidates in enumerate(features.candidates):
         lines.append(
             vw_text.shared_line(
@@ -143,6 +146,43 @@ def _render(chunk: Chunk, cache: vw_text.ActionLineCache) -> list[str]:
             else:
                 lines.append(cache.line(str(c), {}))
         at = len(lines) - len(candidates) + chosen[i]
+        lines[at] = labels[i] + lines[at]
+        lines.append("")
+    return lines
+
+
+_KEYED: dict[tuple[str, str], str] = {}
+
+
+def _render_keyed(
+    chunk: Chunk,
+    features: RowFeatures,
+    labels: list[str],
+    chosen: list[int],
+    cache: vw_text.ActionLineCache,
+) -> list[str]:
+    """As :func:`_render`, with candidates given as (id, features JSON text): each distinct
+    pair is parsed and rendered once (bounded, like the service's ActionLineCache)."""
+    assert features.candidate_keys is not None and chunk.offsets is not None
+    keys = features.candidate_keys
+    offsets = chunk.offsets.tolist()
+    lines: list[str] = []
+    for i in range(len(offsets) - 1):
+        lines.append(
+            vw_text.shared_line(
+                features.contexts[i] or {}, features.slots[i], features.slot_features[i] or {}
+            )
+        )
+        for key in keys[offsets[i] : offsets[i + 1]]:
+            line = _KEYED.get(key)
+            if line is None:
+                if len(_KEYED) >= 100_000:
+                    _KEYED.clear()
+                line = _KEYED[key] = vw_text.action_line(
+                    key[0], orjson.loads(key[1]) if key[1] else {}
+                )
+            lines.append(line)
+        at = len(lines) - (offsets[i + 1] - offsets[i]) + chosen[i]
         lines[at] = labels[i] + lines[at]
         lines.append("")
     return lines
