@@ -12,7 +12,7 @@ probabilities of a policy "built elsewhere"). Then times ``evaluate_stream`` on 
 way ``bandit-service ope --from-file`` runs: the five estimators (IPS, SNIPS, DM, DR,
 Switch-DR) with normal and 1,000-replicate bootstrap intervals for five targets:
 uniform, logging, popularity, explicit:softmax, and vw:--cb_explore_adf --epsilon 0.05
--q cu (progressive, VW's C++ driver in a child process).
+-q ua (progressive, VW's C++ driver in a child process).
 
 The machine is shared, so the same run also times a fixed numpy reference (sorting 10M
 floats, twice) before and after, and prints the ratio. Peak RSS is ``getrusage``'s: this
@@ -37,7 +37,7 @@ import numpy as np
 ITEMS = 20
 PER_ROW = 5
 SEGMENTS = 4
-VW_ARGS = "--cb_explore_adf --epsilon 0.05 -q cu"
+VW_ARGS = "--cb_explore_adf --epsilon 0.05 -q ua"
 
 
 def _click_rate(items: np.ndarray, segment: np.ndarray) -> np.ndarray:
