@@ -247,6 +247,8 @@ def table_source(
     with every column in every pass (the in-memory reader); otherwise only the "rows" mode
     builds them, for feature-based targets such as VW."""
     file = Path(path)
+    if not is_table(file):
+        raise ValueError(f"{file}: expected a .csv or .parquet log")
     if not file.exists():
         raise ValueError(f"{file}: no such file")
     vocab = vocabulary or Vocabulary()
