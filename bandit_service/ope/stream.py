@@ -380,13 +380,18 @@ def evaluate_stream(
             pi = np.asarray(target.pmf(chunk), dtype=float)
             if pi.shape != q.shape:
                 raise ValueError(f"target {name}: {len(pi)} probabilities for {len(q)} candidates")
-            data = LoggedData.of(
-                chunk.reward,
-                chunk.propensity,
-                pi[at_chosen],
-                q[at_chosen],
-                np.add.reduceat(pi * q, chunk.starts),
-            )
+            try:
+                data = LoggedData.of(
+                    chunk.reward,
+                    chunk.propensity,
+                    pi[at_chosen],
+                    q[at_chosen],
+                    np.add.reduceat(pi * q, chunk.starts),
+                )
+            except ValueError as exc:  # rows are numbered from the chunk's start: say where
+                raise ValueError(
+                    f"target {name}, in the chunk from row {chunk.first_row + 1}: {exc}"
+                ) from None
             sums = state[name]
             w = data.weights
             sums.rows += len(w)
