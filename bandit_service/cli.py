@@ -148,7 +148,7 @@ def _ope(args: argparse.Namespace) -> int:
     ope.PROGRESS = progress
     try:
         specs = args.target or ["uniform"]
-        if args.from_file and not (args.sweep or args.importance or args.pages):
+        if (args.from_file or args.policy) and not (args.sweep or args.importance or args.pages):
             return _ope_stream(args, specs, stats)
         for spec in specs:
             if spec.startswith("explicit:"):
@@ -219,17 +219,38 @@ def _ope(args: argparse.Namespace) -> int:
 
 
 def _ope_stream(args: argparse.Namespace, specs: list[str], stats: Any) -> int:
-    """``--from-file`` CSV/Parquet: stream the log in chunks (bounded memory)."""
+    """``--from-file`` CSV/Parquet or ``--policy``: stream the log in chunks (bounded
+    memory; sweeps, importance and whole pages still read it into memory)."""
     import json
 
     from bandit_service.ope import evaluate as ope
     from bandit_service.ope import stream, table
     from bandit_service.ope.vwfile import ProgressiveVWTarget
 
-    if not table.is_table(args.from_file):
-        raise ValueError(f"{args.from_file}: --from-file reads .csv or .parquet logs")
+    db = None
+    if args.from_file:
+        if not table.is_table(args.from_file):
+            raise ValueError(f"{args.from_file}: --from-file reads .csv or .parquet logs")
+        source = table.table_source(args.from_file, stats)
+    else:
+        from bandit_service.store.database import make_engine
+        from bandit_service.timeutil import parse_instant
+
+        settings = Settings()
+        policies = load_policies(settings.policies_dir)
+        if args.policy not in policies:
+            raise ValueError(f"unknown policy {args.policy!r} (known: {', '.join(policies)})")
+        since = parse_instant(args.since) if args.since else None
+        until = parse_instant(args.until) if args.until else None
+        db = make_engine(settings.database_url)
+        source = stream.store_source(db, policies[args.policy], since, until, stats)
     targets: dict[str, stream.StreamTarget] = {}
     for spec in specs:
+        if db is not None and spec.startswith("explicit:"):
+            raise ValueError(
+                f"{spec}: explicit targets are read from a target_NAME column of a CSV or "
+                "Parquet log given with --from-file"
+            )
         target = stream.parse_stream_target(spec)
         if target is None:
             ope.parse_target(spec)  # the same checks (and errors) as the other sources
@@ -241,15 +262,18 @@ def _ope_stream(args: argparse.Namespace, specs: list[str], stats: Any) -> int:
 
     try:
         results = stream.evaluate_stream(
-            table.table_source(args.from_file, stats),
+            source,
             targets,
             args.estimators,
             args.replicates,
             args.seed,
             progress=progress,
+            time_ordered=db is None,
         )
     finally:
         print(file=sys.stderr)
+        if db is not None:
+            db.dispose()
         for target in targets.values():
             if isinstance(target, ProgressiveVWTarget):
                 target.close()

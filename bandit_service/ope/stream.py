@@ -36,7 +36,7 @@ from bandit_service.ope.estimators import (
     overlap_warnings,
     ratio_percentiles,
 )
-from bandit_service.ope.evaluate import SHRINKAGE_ROWS, Evaluation, SlotRow
+from bandit_service.ope.evaluate import SHRINKAGE_ROWS, Evaluation, LogStats, SlotRow
 
 
 class Vocabulary:
@@ -119,6 +119,30 @@ class Chunk:
 Source = Callable[[str], Iterator[Chunk]]
 
 
+def chunk_from_rows(rows: Sequence[SlotRow], first_row: int, vocab: Vocabulary) -> Chunk:
+    """One chunk of in-memory rows (they keep their order)."""
+    sizes = [len(r.eligible) for r in rows]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    total = int(offsets[-1])
+    codes = np.fromiter((vocab.code(c.id) for r in rows for c in r.eligible), np.int64, total)
+    chosen = np.asarray([r.chosen for r in rows], dtype=np.int64)
+    pmf = None
+    if all(r.logged_pmf is not None for r in rows):
+        pmf = np.fromiter((p for r in rows for p in r.logged_pmf or ()), float, total)
+    return Chunk(
+        first_row=first_row,
+        created_at=np.asarray([r.created_at for r in rows], dtype=float),
+        chosen_code=codes[offsets[:-1] + chosen],
+        propensity=np.asarray([r.propensity for r in rows], dtype=float),
+        reward=np.asarray([r.reward for r in rows], dtype=float),
+        offsets=offsets,
+        candidates=codes,
+        chosen=chosen,
+        logged_pmf=pmf,
+        rows=rows,
+    )
+
+
 def chunks_from_rows(
     rows: Sequence[SlotRow], chunk_rows: int = 50_000, vocabulary: Vocabulary | None = None
 ) -> Source:
@@ -128,30 +152,31 @@ def chunks_from_rows(
 
     def source(_mode: str) -> Iterator[Chunk]:
         for start in range(0, len(ordered), chunk_rows):
-            part = ordered[start : start + chunk_rows]
-            sizes = [len(r.eligible) for r in part]
-            offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-            codes = np.fromiter(
-                (vocab.code(c.id) for r in part for c in r.eligible), np.int64, int(offsets[-1])
-            )
-            chosen = np.asarray([r.chosen for r in part], dtype=np.int64)
-            pmf = None
-            if all(r.logged_pmf is not None for r in part):
-                pmf = np.fromiter(
-                    (p for r in part for p in r.logged_pmf or ()), float, int(offsets[-1])
-                )
-            yield Chunk(
-                first_row=start,
-                created_at=np.asarray([r.created_at for r in part], dtype=float),
-                chosen_code=codes[offsets[:-1] + chosen],
-                propensity=np.asarray([r.propensity for r in part], dtype=float),
-                reward=np.asarray([r.reward for r in part], dtype=float),
-                offsets=offsets,
-                candidates=codes,
-                chosen=chosen,
-                logged_pmf=pmf,
-                rows=part,
-            )
+            yield chunk_from_rows(ordered[start : start + chunk_rows], start, vocab)
+
+    return source
+
+
+def store_source(
+    db: Any, policy: Any, since: float | None, until: float | None, stats: LogStats
+) -> Source:
+    """A policy's logged decisions, read from the store a batch at a time (bounded memory)
+    in log order: the order the service committed, and its trainer learned, them. That is
+    time order up to requests that overlapped, so :func:`evaluate_stream` is called with
+    ``time_ordered=False`` for it (the in-memory path sorts by ``created_at`` instead)."""
+    from bandit_service.ope.evaluate import rows_from_decisions
+    from bandit_service.store.repository import iter_decisions
+
+    vocab = Vocabulary()
+
+    def source(mode: str) -> Iterator[Chunk]:
+        first = 0
+        counts = stats if mode == "full" else LogStats()
+        for batch in iter_decisions(db, policy.name, since, until):
+            rows = list(rows_from_decisions(batch, policy, counts))
+            if rows:
+                yield chunk_from_rows(rows, first, vocab)
+                first += len(rows)
 
     return source
 
@@ -160,7 +185,8 @@ def chunks_from_rows(
 class CrossFittedModel:
     """Per-candidate sums of the two halves (even and odd rows in time order)."""
 
-    def __init__(self) -> None:
+    def __init__(self, time_ordered: bool = True) -> None:
+        self.time_ordered = time_ordered
         self.sums = [np.zeros(0), np.zeros(0)]
         self.counts = [np.zeros(0), np.zeros(0)]
         self.total = [0.0, 0.0]
@@ -169,7 +195,8 @@ class CrossFittedModel:
 
     def add(self, chunk: Chunk) -> None:
         times = chunk.created_at
-        if len(times) and (times[0] < self.last_time or np.any(np.diff(times) < 0)):
+        decreasing = len(times) and (times[0] < self.last_time or np.any(np.diff(times) < 0))
+        if self.time_ordered and decreasing:
             raise ValueError(
                 "rows must be in time order (created_at never decreasing) to stream; sort "
                 "the file by created_at"
@@ -344,12 +371,15 @@ def evaluate_stream(
     seed: int = 0,
     buckets: int = DEFAULT_BUCKETS,
     progress: Callable[[str, int], None] | None = None,
+    time_ordered: bool = True,
 ) -> list[Evaluation]:
-    """Every target by every estimator, streaming ``source`` twice (see the module doc)."""
+    """Every target by every estimator, streaming ``source`` twice (see the module doc).
+    ``time_ordered``: refuse rows whose ``created_at`` goes back (files); the store's log
+    order is used as it is."""
     unknown = [e for e in estimators if e not in ESTIMATORS]
     if unknown:
         raise ValueError(f"unknown estimator(s) {unknown}; known: {sorted(ESTIMATORS)}")
-    model = CrossFittedModel()
+    model = CrossFittedModel(time_ordered)
     rows = 0
     if progress is not None:
         progress("reward model", 0)
