@@ -230,9 +230,21 @@ def _ope(args: argparse.Namespace) -> int:
 
     ope.PROGRESS = progress
     try:
-        for spec in args.target or ["uniform"]:
+        specs = args.target or ["uniform"]
+        if (args.from_file or args.policy) and not (args.sweep or args.importance or args.pages):
+            return _ope_stream(args, specs, stats)
+        for spec in specs:
+            if spec.startswith("explicit:"):
+                raise ValueError(
+                    f"{spec}: explicit targets are read from a target_NAME column of a CSV or "
+                    "Parquet log given with --from-file"
+                )
             targets[spec] = ope.parse_target(spec)
-        if args.from_jsonl or args.from_dsjson:
+        if args.from_file:
+            from bandit_service.ope import table
+
+            rows = table.rows_from_table(args.from_file, stats)
+        elif args.from_jsonl or args.from_dsjson:
             from bandit_service.ope import files
 
             rows = (
@@ -289,6 +301,76 @@ def _ope(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ope_stream(args: argparse.Namespace, specs: list[str], stats: Any) -> int:
+    """``--from-file`` CSV/Parquet or ``--policy``: stream the log in chunks (bounded
+    memory; sweeps, importance and whole pages still read it into memory)."""
+    import json
+
+    from bandit_service.ope import evaluate as ope
+    from bandit_service.ope import stream, table
+    from bandit_service.ope.vwfile import ProgressiveVWTarget
+
+    db = None
+    if args.from_file:
+        if not table.is_table(args.from_file):
+            raise ValueError(f"{args.from_file}: --from-file reads .csv or .parquet logs")
+        source = table.table_source(args.from_file, stats)
+    else:
+        from bandit_service.store.database import make_engine
+        from bandit_service.timeutil import parse_instant
+
+        settings = Settings()
+        policies = load_policies(settings.policies_dir)
+        if args.policy not in policies:
+            raise ValueError(f"unknown policy {args.policy!r} (known: {', '.join(policies)})")
+        since = parse_instant(args.since) if args.since else None
+        until = parse_instant(args.until) if args.until else None
+        db = make_engine(settings.database_url)
+        source = stream.store_source(db, policies[args.policy], since, until, stats)
+    targets: dict[str, stream.StreamTarget] = {}
+    for spec in specs:
+        if db is not None and spec.startswith("explicit:"):
+            raise ValueError(
+                f"{spec}: explicit targets are read from a target_NAME column of a CSV or "
+                "Parquet log given with --from-file"
+            )
+        target = stream.parse_stream_target(spec)
+        if target is None:
+            ope.parse_target(spec)  # the same checks (and errors) as the other sources
+            target = ProgressiveVWTarget(spec[3:])
+        targets[spec] = target
+
+    def progress(what: str, done: int) -> None:
+        print(f"\r  {what}: {done} rows   ", end="", file=sys.stderr, flush=True)
+
+    try:
+        results = stream.evaluate_stream(
+            source,
+            targets,
+            args.estimators,
+            args.replicates,
+            args.seed,
+            progress=progress,
+            time_ordered=db is None,
+        )
+    finally:
+        print(file=sys.stderr)
+        if db is not None:
+            db.dispose()
+        for target in targets.values():
+            if isinstance(target, ProgressiveVWTarget):
+                target.close()
+    if args.json:
+        print(json.dumps({"log": vars(stats), "results": [r.as_dict() for r in results]},
+                         indent=2))  # fmt: skip
+    else:
+        print(ope.format_table(results, stats))
+    if args.plot:
+        ope.plot(results, args.plot, "off-policy estimates with 95% bootstrap intervals")
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
 def _ope_sweep(
     args: argparse.Namespace, rows: list[Any], policy_file: Path | None, current: str | None
 ) -> int:
@@ -310,6 +392,9 @@ def _ope_sweep(
             out = Path(args.write_policy or f"{policy_file.stem}.recommended.toml")
             sweep.write_recommended_policy(policy_file, recommended["vw_args"], out)
             report["sweep"]["written_to"] = str(out)
+    if args.sweep and args.plot:
+        sweep.plot_sweep(report["sweep"], args.plot, "VW configurations ranked by DR")
+        print(f"plot written to {args.plot}", file=sys.stderr)
     if args.importance:
         print("  leaving one namespace out at a time...", file=sys.stderr)
         report["importance"] = sweep.feature_importance(rows, current)
@@ -422,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--from-obd", metavar="CSV", help="an Open Bandit Dataset CSV")
     source.add_argument("--from-jsonl", metavar="FILE", help="the project's JSON-lines schema")
     source.add_argument("--from-dsjson", metavar="FILE", help="VW/Personalizer DSJSON")
+    source.add_argument(
+        "--from-file", metavar="FILE", help="the project's schema as .csv or .parquet (streamed)"
+    )
     ope_parser.add_argument("--items", type=int, help="number of items (with --from-obd)")
     ope_parser.add_argument(
         "--target-distribution", metavar="CSV",
@@ -431,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     ope_parser.add_argument("--until")
     ope_parser.add_argument(
         "--target", action="append",
-        help="uniform | logging | popularity | vw:ARGS (repeatable; default uniform)",
+        help="uniform | logging | popularity | vw:ARGS | explicit:NAME (the target_NAME "
+        "column of a --from-file log); repeatable; default uniform",
     )  # fmt: skip
     ope_parser.add_argument(
         "--estimators", nargs="+", default=["IPS", "SNIPS", "DM", "DR", "SwitchDR"]

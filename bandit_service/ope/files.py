@@ -17,7 +17,8 @@ logged it. Per line: ``c`` holds the shared features and ``_multi`` the actions'
 ``a`` the actions (1-based) in ranked order with ``p`` their probabilities,
 ``_labelIndex`` the chosen action (0-based), ``_label_probability`` its probability and
 ``_label_cost`` its cost (reward = -cost). Lines without a cost (never joined to a reward)
-and multi-slot (CCB) lines are skipped and counted.
+are skipped and counted. Multi-slot (CCB) lines, with ``c._slots`` and ``_outcomes``, give
+one row per slot (see :func:`_ccb_rows`).
 """
 
 from __future__ import annotations
@@ -113,16 +114,108 @@ def rows_from_jsonl(path: str | Path, stats: LogStats) -> list[SlotRow]:
 
 
 def _vw_features(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """DSJSON features as the service's feature maps (nested objects are namespaces)."""
+    """DSJSON features as the service's feature maps: a nested object is a namespace, and
+    so is a list of objects (VW merges them, e.g. ``"FromUrl": [{"weather": "sunny"}]``);
+    a list of strings or numbers is a multi-valued feature. Keys starting with ``_`` are
+    VW's own (``_multi``, ``_slots``, ``_tag``, ...), not features."""
     out: dict[str, Any] = {}
     for name, value in raw.items():
-        if name.startswith("_"):
+        if name.startswith("_") or isinstance(value, bool):
             continue
         if isinstance(value, Mapping):
-            out[name] = {k: v for k, v in value.items() if isinstance(v, str | int | float)}
-        elif isinstance(value, str | int | float | list):
+            out[name] = _scalars(value)
+        elif isinstance(value, list) and any(isinstance(v, Mapping) for v in value):
+            merged: dict[str, Any] = {}
+            for item in value:
+                if isinstance(item, Mapping):
+                    merged.update(_scalars(item))
+            out[name] = merged
+        elif isinstance(value, list):
+            out[name] = [str(v) for v in value if isinstance(v, str | int | float)]
+        elif isinstance(value, str | int | float):
             out[name] = value
     return out
+
+
+def _scalars(value: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in value.items()
+        if not k.startswith("_") and isinstance(v, str | int | float) and not isinstance(v, bool)
+    }
+
+
+def _ccb_rows(
+    line: Mapping[str, Any],
+    number: int,
+    where: str,
+    stats: LogStats,
+    features: Callable[[Mapping[str, Any]], dict[str, Any]] = _vw_features,
+) -> list[SlotRow]:
+    """One CCB (multi-slot) DSJSON line as one row per slot.
+
+    VW's conditional contextual bandit format (as VW's ``--ccb_explore_adf --dsjson`` and
+    Personalizer's multi-slot logs write it): ``c._multi`` holds the actions, ``c._slots``
+    the slots (``_id`` and the slot's features), and ``_outcomes`` one entry per slot with
+    ``_a`` the slot's remaining actions (0-based indices into ``_multi``, the chosen one
+    first, actions taken by earlier slots already removed), ``_p`` their probabilities in
+    the same order and ``_label_cost`` the slot's cost (reward = -cost; 0 when no outcome
+    arrived, as VW learns it). A slot's eligible set is therefore its ``_a``: exactly the
+    per-slot assumption the evaluation makes (earlier slots as logged).
+    """
+    context = line["c"]
+    actions = context.get("_multi") or []
+    slots = context.get("_slots") or []
+    outcomes = line["_outcomes"]
+    if not isinstance(outcomes, list) or not isinstance(actions, list):
+        raise ValueError(f"{where}: _outcomes and c._multi must be lists")
+    if len(slots) != len(outcomes):
+        raise ValueError(f"{where}: {len(outcomes)} _outcomes for {len(slots)} c._slots")
+    try:
+        candidates = [
+            Candidate(_action_id(action, index), features(action))
+            for index, action in enumerate(actions)
+        ]
+        shared = features(context)
+    except (ValueError, AttributeError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    event = str(line.get("EventId", number))
+    rows = []
+    for index, (slot, outcome) in enumerate(zip(slots, outcomes, strict=True)):
+        slot_where = f"{where}, slot {index}"
+        try:
+            order = [int(a) for a in outcome["_a"]]
+            probabilities = [float(p) for p in outcome["_p"]]
+            reward = -float(outcome["_label_cost"])
+        except KeyError as exc:
+            raise ValueError(f"{slot_where}: missing field {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{slot_where}: {exc}") from None
+        if not order or len(order) != len(probabilities):
+            raise ValueError(f"{slot_where}: _a and _p must be non-empty and of equal length")
+        if any(not 0 <= a < len(candidates) for a in order) or len(set(order)) != len(order):
+            raise ValueError(f"{slot_where}: _a must list distinct indices into c._multi")
+        probability = _probability(probabilities[0], slot_where)
+        if probability == 1.0:
+            stats.skipped_deterministic += 1
+            continue
+        eligible = sorted(order)  # candidates in catalogue order; the pmf follows them
+        given = dict(zip(order, probabilities, strict=True))
+        rows.append(
+            SlotRow(
+                key=f"{event}/{index}",
+                created_at=float(number),
+                context=shared,
+                slot=index,
+                slot_features=features(slot) if isinstance(slot, Mapping) else {},
+                eligible=tuple(candidates[a] for a in eligible),
+                chosen=eligible.index(order[0]),
+                propensity=probability,
+                reward=reward,
+                logged_pmf=tuple(given[a] for a in eligible),
+            )
+        )
+    return rows
 
 
 def rows_from_dsjson(path: str | Path, stats: LogStats) -> list[SlotRow]:
@@ -143,8 +236,23 @@ def iter_dsjson(
     for number, line in _lines(path, on_malformed, on_bytes):
         where = f"{path}, line {number}"
         stats.decisions += 1
-        if "_outcomes" in line or "_label_cost" not in line or line.get("_skipLearn"):
-            stats.skipped_not_shown += 1  # multi-slot (CCB), never joined, or not activated
+        if line.get("_skipLearn"):
+            stats.skipped_not_shown += 1  # deferred and never activated
+            continue
+        if "_outcomes" in line:  # multi-slot (CCB): one row per slot
+            try:
+                yield from _ccb_rows(line, number, where, stats, features)
+            except KeyError as exc:
+                if on_malformed is None:
+                    raise ValueError(f"{where}: missing field {exc}") from None
+                on_malformed(f"{where}: missing field {exc}")
+            except ValueError as exc:
+                if on_malformed is None:
+                    raise
+                on_malformed(str(exc))
+            continue
+        if "_label_cost" not in line:
+            stats.skipped_not_shown += 1  # never joined to a reward
             continue
         try:
             row = _dsjson_row(line, number, where, features)

@@ -153,3 +153,49 @@ def write_recommended_policy(source: Path, vw_args: str, target: Path) -> None:
 
 def _toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def plot_sweep(report: Mapping[str, Any], path: str | Path, title: str = "") -> None:
+    """A PNG of the sweep: each configuration's DR estimate with its 95% interval (best at
+    the top), the current configuration's estimate as a vertical reference line (its
+    interval shaded), and the recommended configuration, if any, in another colour. A bar
+    entirely right of the line is what a recommendation needs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    current = report["current"]
+    ranked = list(report["ranked"])
+    recommended = (report.get("recommended") or {}).get("vw_args")
+    labels = [_short(r["vw_args"]) for r in ranked]
+    values = np.asarray([r["dr"] for r in ranked])
+    lows = values - np.asarray([r["interval_95"][0] for r in ranked])
+    highs = np.asarray([r["interval_95"][1] for r in ranked]) - values
+    height = max(2.5, 0.45 * len(ranked) + 1.5)
+    fig, ax = plt.subplots(figsize=(9, height))
+    positions = np.arange(len(ranked))[::-1]
+    colours = [
+        "tab:green" if r["vw_args"] == recommended
+        else "tab:gray" if r["vw_args"] == current["vw_args"]
+        else "tab:blue"
+        for r in ranked
+    ]  # fmt: skip
+    for y, v, lo, hi, colour in zip(positions, values, lows, highs, colours, strict=True):
+        ax.errorbar(v, y, xerr=[[lo], [hi]], fmt="o", capsize=4, color=colour)
+    ax.axvline(current["dr"], color="tab:red", linestyle="--",
+               label=f"current: DR {current['dr']:.4f}")  # fmt: skip
+    ax.axvspan(*current["interval_95"], color="tab:red", alpha=0.08, label="current 95% interval")
+    ax.set_yticks(positions, labels, fontsize=7)
+    ax.set_xlabel("DR estimate of the value per slot (95% interval)")
+    verdict = f"recommended: {_short(recommended)}" if recommended else "no recommendation"
+    ax.set_title(f"{title}\n{verdict}" if title else verdict, fontsize=9)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _short(vw_args: str | None, width: int = 70) -> str:
+    text = (vw_args or "").replace("--cb_explore_adf", "").strip() or "(defaults)"
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,7 +1,8 @@
 """Warm-start a policy's model from a Personalizer log export (DSJSON).
 
-Each joined, single-slot DSJSON line is one logged decision (context, actions, the chosen
-action, its logged probability and reward = -cost). They are learned in file order by the
+Each joined DSJSON line is one logged decision (context, actions, the chosen action, its
+logged probability and reward = -cost); a multi-slot (CCB) line is one such row per slot
+(the slot's remaining actions and features), as the trainer learns multi-slot decisions. They are learned in file order by the
 policy's own learner (same VW arguments, same feature conversion as the live facade, see
 :mod:`bandit_service.personalizer.features`), continuing the newest checkpoint of the
 policy's lineage, and saved as a new checkpoint, which serving processes load like any
@@ -46,7 +47,7 @@ class ImportResult:
     lines: int = 0
     learned: int = 0
     malformed: int = 0
-    not_joined: int = 0  # no reward joined, not activated, or multi-slot (CCB)
+    not_joined: int = 0  # no reward joined, or not activated
     deterministic: int = 0  # probability 1: nothing to learn about the alternatives
     model_version: int | None = None
     first_errors: list[str] = field(default_factory=list)
@@ -79,15 +80,21 @@ def import_dsjson(
     stats = LogStats()
     read = 0
     last_renew = clock()
+    unparsed = 0  # lines that are not JSON objects (never counted as decisions)
+    decisions_before_line = 0
 
     def malformed(message: str) -> None:
+        nonlocal unparsed
         result.malformed += 1
+        if stats.decisions == decisions_before_line:
+            unparsed += 1
         if len(result.first_errors) < 5:
             result.first_errors.append(message)
 
     def on_bytes(n: int) -> None:
-        nonlocal read
+        nonlocal read, decisions_before_line
         read += n
+        decisions_before_line = stats.decisions
 
     try:
         with Session(db) as session:
@@ -103,17 +110,23 @@ def import_dsjson(
             for row in iter_dsjson(path, stats, malformed, _features, on_bytes):
                 reward = min(policy.reward_max, max(policy.reward_min, row.reward))
                 learner.learn_slot(
-                    row.context, 0, {}, list(row.eligible), row.chosen, row.propensity, reward
+                    row.context,
+                    row.slot,
+                    row.slot_features,
+                    list(row.eligible),
+                    row.chosen,
+                    row.propensity,
+                    reward,
                 )
                 result.learned += 1
                 if result.learned % 1000 == 0:
                     if progress is not None:
-                        _count(result, stats)
+                        _count(result, stats, unparsed)
                         progress(read, result)
                     if clock() - last_renew > LEASE_SECONDS / 3:
                         _renew(db, name, owner, clock())
                         last_renew = clock()
-        _count(result, stats)
+        _count(result, stats, unparsed)
         if progress is not None:
             progress(read, result)
         if result.learned:
@@ -125,10 +138,10 @@ def import_dsjson(
     return result
 
 
-def _count(result: ImportResult, stats: LogStats) -> None:
+def _count(result: ImportResult, stats: LogStats, unparsed: int) -> None:
     result.not_joined = stats.skipped_not_shown
     result.deterministic = stats.skipped_deterministic
-    result.lines = result.learned + result.malformed + result.not_joined + result.deterministic
+    result.lines = stats.decisions + unparsed  # learned etc. count slots of multi-slot lines
 
 
 def _renew(db: Engine, name: str, owner: str, now: float) -> None:

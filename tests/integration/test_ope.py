@@ -29,7 +29,12 @@ pins = [{id = "pinned", slot = 1}]
 """
 
 
-def test_evaluating_the_services_own_log(settings: Settings, policies_dir: Path) -> None:
+def test_evaluating_the_services_own_log(
+    settings: Settings,
+    policies_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     (policies_dir / "eval.toml").write_text(POLICY)
     policy = load_policies(policies_dir)["eval"]
     candidates = (*(Candidate(f"c{i}", {"t": f"v{i}"}) for i in range(4)), Candidate("pinned"))
@@ -71,6 +76,22 @@ def test_evaluating_the_services_own_log(settings: Settings, policies_dir: Path)
     uniform = by_target["uniform"]["DR"]
     assert uniform.bootstrap_interval[0] < 0.2 < uniform.bootstrap_interval[1]
     assert by_target["vw:greedy"]["DR"].value > uniform.value
+
+    # Streamed from the store a batch at a time (bounded memory), through the command line:
+    # the decisions were made one after another, so log order is time order and the
+    # estimates are the in-memory ones.
+    monkeypatch.setenv("BANDIT_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("BANDIT_POLICIES_DIR", str(policies_dir))
+    assert main(["ope", "--policy", "eval", "--target", "logging", "--target", "uniform",
+                 "--target", "vw:--cb_explore_adf --epsilon 0.0", "--replicates", "200",
+                 "--json"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert report["log"]["decisions"] == 300 and report["log"]["skipped_deterministic"] == 300
+    streamed = {r["target"]: {e["estimator"]: e for e in r["estimates"]} for r in report["results"]}
+    for target, name in (("logging", "logging"), ("uniform", "uniform"),
+                         ("vw:--cb_explore_adf --epsilon 0.0", "vw:greedy")):  # fmt: skip
+        for estimator, estimate in by_target[name].items():
+            assert streamed[target][estimator]["value"] == pytest.approx(estimate.value, abs=1e-6)
 
 
 def test_the_ope_command_on_the_open_bandit_sample(capsys: pytest.CaptureFixture[str]) -> None:

@@ -116,3 +116,28 @@ def test_cli_import_reports_counts(
     assert "model version 1 saved" in out.out
     assert "100%" in out.err
     assert main(["import", "dsjson", "--policy", "nope", str(log)]) == 2
+
+
+def test_multi_slot_lines_are_learned_one_slot_at_a_time(database_url: str, tmp_path: Path) -> None:
+    """A Personalizer multi-slot (CCB) export: each slot is one learned row."""
+    line = {
+        "EventId": "ccb-1",
+        "c": {
+            "user": {"segment": "a"},
+            "_multi": [{"_tag": a, "kind": {"name": a}} for a in [*ACTIONS, "z"]],
+            "_slots": [{"_id": "top", "pos": {"rank": 1}}, {"_id": "side"}],
+        },
+        "_outcomes": [
+            {"_id": "top", "_label_cost": -1.0, "_a": [0, 1, 2], "_p": [0.8, 0.1, 0.1]},
+            {"_id": "side", "_label_cost": 0.0, "_a": [2, 1], "_p": [0.5, 0.5]},
+        ],
+    }
+    log = tmp_path / "ccb.json"
+    log.write_bytes(b"\n".join(orjson.dumps({**line, "EventId": f"c{i}"}) for i in range(10)))
+    db = make_engine(database_url)
+    try:
+        result = import_dsjson(db, POLICY, [log])
+        assert (result.lines, result.learned, result.malformed) == (10, 20, 0)
+        assert result.model_version == 1
+    finally:
+        db.dispose()
