@@ -1,4 +1,4 @@
-"""``bandit-service``: serve | migrate | train | report lift | ope | check-policies."""
+"""``bandit-service``: serve | migrate | train | report lift | ope | simulate | check-policies."""
 
 from __future__ import annotations
 
@@ -351,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     ope_parser.add_argument("--vw-args", help="the current configuration, for file sources")
     ope_parser.add_argument("--plot", metavar="PNG")
     ope_parser.set_defaults(func=_ope)
+
+    # -- simulate (issue #7): seeded scenarios and sweeps, see bandit_service/simulation/ --
+    from bandit_service.simulation.cli import add_parser as add_simulate_parser
+
+    add_simulate_parser(sub)
+    # -- end simulate --
 
     check = sub.add_parser("check-policies", help="validate the policy files and print them")
     check.set_defaults(func=_check_policies)
