@@ -109,6 +109,8 @@ def run_http(
     metrics = WindowAggregator(window, world.has_satisfaction)
     due: list[tuple[float, int, str, dict[str, Any]]] = []
     counter = 0
+    posted = [0]
+    posted_lock = threading.Lock()
 
     def decide(visit: Any, event_id: str) -> dict[str, Any]:
         body = {
@@ -125,6 +127,8 @@ def run_http(
         _at, _n, event_id, body = item
         _check(*client.call("POST", f"/v1/decisions/{event_id}/rewards", body),
                f"reward {event_id}", 201)  # fmt: skip
+        with posted_lock:
+            posted[0] += 1
 
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sim") as pool:
 
@@ -167,6 +171,7 @@ def run_http(
         "serving_version": final["model"]["serving_version"],
         "counts": final["counts"],
         "reward_time_scale": scale,
+        "rewards_posted": posted[0],
     }
     summary["policy"] = {k: server_policy.get(k) for k in ("name", "version", "vw_args")}
     return RunResult(metrics.rows, summary)

@@ -311,8 +311,9 @@ def delayed(seed: int, steps: int) -> World:
 
 
 def clickbait(seed: int, steps: int) -> World:
-    """One category (``bait``) of items that everyone clicks often (45%) but rarely enjoys
-    (15% satisfied), beside honest items in six categories (satisfied 85% after a click).
+    """One category (``bait``) of items that everyone clicks often (55%) but rarely enjoys
+    (15% satisfied), beside honest items in six categories (satisfied 85% after a click;
+    a segment's favourite is clicked about 40% of the time, more by some users).
     Optimising clicks converges on the bait for every segment; optimising satisfaction
     shows each segment its favourite category: more satisfaction and a broader diet."""
     rng = np.random.default_rng([seed, 7])
@@ -325,9 +326,9 @@ def clickbait(seed: int, steps: int) -> World:
     items += [Item(f"bait-{j}", "bait", 0.0, satisfaction=0.15, clickbait=True) for j in range(2)]
     taste = _ranked_tastes(rng, len(cats))
     return World(
-        "clickbait", "12 honest items (satisfied 85%) + 2 bait items (45% clicks, 15% satisfied)",
+        "clickbait", "12 honest items (satisfied 85%) + 2 bait items (55% clicks, 15% satisfied)",
         seed, (*cats, "bait"), tuple(items), np.hstack([taste, np.zeros((SEGMENTS, 1))]),
-        segment, dev, clickbait_logit=logit(0.45), satisfaction_delay=5.0,
+        segment, dev, clickbait_logit=logit(0.55), satisfaction_delay=5.0,
         has_satisfaction=True, policy=_base_policy(reward_window_seconds=20.0),
     )  # fmt: skip
 
