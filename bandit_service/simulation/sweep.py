@@ -258,7 +258,36 @@ def run_sweep(
                 "runs": runs,
             }
         )
+    _paired_differences(result.settings)
     return result
+
+
+PAIRED_KEYS = (
+    "expected_reward", "last_quarter_expected_reward", "expected_reward_after_change",
+    "cumulative_regret", "click_rate", "satisfaction_rate", "breadth",
+)  # fmt: skip
+
+
+def _paired_differences(settings: list[dict[str, Any]]) -> None:
+    """Each setting minus the first, seed by seed. Settings with the same seed face the
+    same users and coin flips, so the paired difference is far less noisy than the
+    difference of the means (whose sd includes how lucky each seed's world was)."""
+    if len(settings) < 2:
+        return
+    first = {r["seed"]: r for r in settings[0]["runs"]}
+    for setting in settings[1:]:
+        diffs: dict[str, Any] = {}
+        for key in PAIRED_KEYS:
+            values = [
+                r[key] - first[r["seed"]][key]
+                for r in setting["runs"]
+                if isinstance(r.get(key), int | float)
+                and isinstance(first.get(r["seed"], {}).get(key), int | float)
+            ]
+            if values:
+                diffs[key] = {"mean": _mean(values), "sd": _sd(values), "min": min(values),
+                              "max": max(values)}  # fmt: skip
+        setting["minus_first"] = {"first": settings[0]["setting"], **diffs}
 
 
 def _noop(_n: int) -> None:
@@ -306,6 +335,7 @@ def write_outputs(result: SweepResult, out: Path, plots: bool = True) -> list[Pa
 def format_table(result: SweepResult) -> str:
     """The summary as a table: mean ± sd across seeds per setting."""
     columns = [
+        ("oracle_reward", "oracle"),
         ("expected_reward", "reward/visit"),
         ("last_quarter_expected_reward", "last 1/4"),
         ("cumulative_regret", "regret"),
@@ -313,7 +343,10 @@ def format_table(result: SweepResult) -> str:
         ("breadth", "breadth"),
     ]
     if result.scenario.get("change_step") is not None:
-        columns.insert(2, ("expected_reward_after_change", "after change"))
+        columns[2:2] = [
+            ("expected_reward_before_change", "before change"),
+            ("expected_reward_after_change", "after change"),
+        ]
     if result.scenario.get("has_satisfaction"):
         columns += [("click_rate", "clicks/visit"), ("satisfaction_rate", "satisfied/visit")]
     if any(s["mean"].get("lift") is not None for s in result.settings):
@@ -322,8 +355,7 @@ def format_table(result: SweepResult) -> str:
     head = f"{'setting':<{width}}" + "".join(f"  {title:>18}" for _k, title in columns)
     lines = [
         f"scenario {result.scenario.get('name')}: {result.steps} steps x {len(result.seeds)} "
-        f"seed(s), {result.mode}; oracle reward/visit "
-        f"{result.settings[0]['mean'].get('oracle_reward') or 0:.4f}",
+        f"seed(s), {result.mode}; expected primary reward per visit (mean ± sd over seeds)",
         head,
     ]
     for s in result.settings:
@@ -332,4 +364,17 @@ def format_table(result: SweepResult) -> str:
             m, sd = s["mean"].get(key), s["sd"].get(key)
             cells.append(f"{m:10.4f} ± {sd:<6.4f}" if m is not None else f"{'-':>19}")
         lines.append(f"{s['setting']:<{width}}" + "".join(f"  {c:>18}" for c in cells))
+    if len(result.settings) > 1:
+        keys = [k for k, _t in columns if k in PAIRED_KEYS]
+        lines.append(f"minus {result.settings[0]['setting']}, paired by seed: mean [min, max]")
+        for s in result.settings[1:]:
+            cells = []
+            for key in keys:
+                d = s.get("minus_first", {}).get(key)
+                cells.append(
+                    f"{d['mean']:+.4f} [{d['min']:+.3f},{d['max']:+.3f}]" if d else f"{'-':>18}"
+                )
+            lines.append(f"{s['setting']:<{width}}" + "".join(f"  {c:>26}" for c in cells))
+        header = "".join(f"  {t:>26}" for k, t in columns if k in PAIRED_KEYS)
+        lines.insert(-(len(result.settings) - 1), " " * width + header)
     return "\n".join(lines)
