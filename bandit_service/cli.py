@@ -1,5 +1,5 @@
-"""``bandit-service``: serve | migrate | train | report lift | ope | retention | check-policies |
-keys | import."""
+"""``bandit-service``: serve | migrate | train | report lift | ope | simulate | retention |
+check-policies | keys | import."""
 
 from __future__ import annotations
 
@@ -547,6 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
         "retention", help="remove decisions and rewards older than each policy's retention_days"
     )
     retention.set_defaults(func=_retention)
+    # -- simulate (issue #7): seeded scenarios and sweeps, see bandit_service/simulation/ --
+    from bandit_service.simulation.cli import add_parser as add_simulate_parser
+
+    add_simulate_parser(sub)
+    # -- end simulate --
 
     check = sub.add_parser("check-policies", help="validate the policy files and print them")
     check.set_defaults(func=_check_policies)

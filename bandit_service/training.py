@@ -205,26 +205,7 @@ class PolicyTrainer:
             return None
         try:
             by_id = self._candidate_set(decision["candidates_text"])
-            rewards = slot_rewards(decision, self.policy)
-            apprentice = self.policy.learning_mode == "apprentice"
-            examples = []
-            for slot, reward in zip(decision["slots"], rewards, strict=True):
-                eligible = [by_id.get(cid) or Candidate(cid) for cid, _p in slot["pmf"]]
-                chosen = next(i for i, c in enumerate(eligible) if c.id == slot["id"])
-                # Apprentice mode imitates: with only the baseline ever shown there is nothing
-                # to compare its reward against, so the baseline is learned as the best action.
-                examples.append(
-                    (
-                        decision["context"],
-                        slot["slot"],
-                        slot.get("slot_features") or {},
-                        eligible,
-                        chosen,
-                        slot["probability"],
-                        self.policy.reward_max if apprentice else reward,
-                    )
-                )
-            return examples
+            return learning_examples(decision, self.policy, by_id)
         except (KeyError, TypeError, ValueError, StopIteration) as exc:
             log.error(
                 "policy %s: cannot replay event %s (%s: %s); skipped",
@@ -278,6 +259,37 @@ class PolicyTrainer:
     def release(self) -> None:
         with Session(self.db) as session, session.begin():
             repository.release_lease(session, self.policy.name, self.owner)
+
+
+def learning_examples(
+    decision: Mapping[str, Any], policy: PolicyConfig, by_id: Mapping[str, Candidate]
+) -> list[tuple[Any, ...]]:
+    """One ``learn_slot`` argument tuple per slot of a logged bandit decision whose window
+    has closed: the candidates eligible for the slot (in pmf order), the chosen one, its
+    logged probability and the slot's reward (on-time rewards aggregated, else the default).
+
+    Shared by the trainer and the in-process simulator, so both learn the same examples.
+    """
+    rewards = slot_rewards(decision, policy)
+    apprentice = policy.learning_mode == "apprentice"
+    examples = []
+    for slot, reward in zip(decision["slots"], rewards, strict=True):
+        eligible = [by_id.get(cid) or Candidate(cid) for cid, _p in slot["pmf"]]
+        chosen = next(i for i, c in enumerate(eligible) if c.id == slot["id"])
+        # Apprentice mode imitates: with only the baseline ever shown there is nothing
+        # to compare its reward against, so the baseline is learned as the best action.
+        examples.append(
+            (
+                decision["context"],
+                slot["slot"],
+                slot.get("slot_features") or {},
+                eligible,
+                chosen,
+                slot["probability"],
+                policy.reward_max if apprentice else reward,
+            )
+        )
+    return examples
 
 
 class Trainer:

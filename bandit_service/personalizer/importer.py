@@ -2,9 +2,10 @@
 
 Each joined DSJSON line is one logged decision (context, actions, the chosen action, its
 logged probability and reward = -cost); a multi-slot (CCB) line is one such row per slot
-(the slot's remaining actions and features), as the trainer learns multi-slot decisions. They are learned in file order by the
-policy's own learner (same VW arguments, same feature conversion as the live facade, see
-:mod:`bandit_service.personalizer.features`), continuing the newest checkpoint of the
+(the slot's remaining actions and features), as the trainer learns multi-slot decisions.
+They are learned in file order by the policy's own learner (same VW arguments, same
+feature conversion as the live facade, see :mod:`bandit_service.personalizer.features`),
+continuing the newest checkpoint of the
 policy's lineage, and saved as a new checkpoint, which serving processes load like any
 trained model. The log position of that checkpoint is unchanged, so the trainer goes on
 learning the service's own log on top of the imported history.
