@@ -13,19 +13,29 @@ from bandit_service import __version__
 from bandit_service.api.errors import BodySizeLimit, install_error_handlers
 from bandit_service.api.routes import router
 from bandit_service.config import Settings
+from bandit_service.ops.lifecycle import DrainOnSigterm
 from bandit_service.policy import load_policies
 from bandit_service.service import DecisionService
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
-    """Build the app. Policies are loaded (and validated) now, so bad config fails at start."""
+def create_app(
+    settings: Settings | None = None, engine: Engine | None = None, *, under_server: bool = False
+) -> FastAPI:
+    """Build the app. Policies are loaded (and validated) now, so bad config fails at start.
+
+    ``under_server``: running under uvicorn (``serve``), so SIGTERM drains the service
+    first (see :mod:`bandit_service.ops.lifecycle`); never set inside a test process.
+    """
     settings = settings or Settings()
     policies = load_policies(settings.policies_dir)
     service = DecisionService(settings, policies, engine=engine)
+    drain = DrainOnSigterm(service.begin_draining, settings.drain_seconds)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        if under_server:
+            drain.install()
         # Everything allocated so far (libraries, schemas, models) lives for the whole
         # process; moving it out of the collector's reach keeps full collections short
         # (they paused 500-candidate requests for ~100 ms every ~20 requests).
@@ -33,6 +43,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         try:
             yield
         finally:
+            drain.uninstall()
             await service.close()
 
     app = FastAPI(
@@ -53,4 +64,4 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
 def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` (each worker process builds its own app)."""
-    return create_app(Settings())
+    return create_app(Settings(), under_server=True)

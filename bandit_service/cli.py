@@ -15,10 +15,13 @@ from bandit_service.policy import PolicyError, load_policies
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from bandit_service.ops.lifecycle import exit_cleanly_on_sigterm
+
     settings = Settings()
     load_policies(settings.policies_dir)  # fail here, once, with a clear message
     if args.migrate:
         _migrate(args)
+    exit_cleanly_on_sigterm()
     uvicorn.run(
         "bandit_service.app:app_from_env",
         factory=True,
@@ -27,6 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         log_level=args.log_level,
         access_log=args.access_log,
+        timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
     )
     return 0
 

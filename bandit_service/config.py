@@ -52,6 +52,26 @@ class Settings(BaseSettings):
         description="HMAC key for user ids; unset: a random key is made and kept in the store.",
     )
 
+    # -- operability (issue 11): shutdown, logs, metrics ------------------------------------
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        default="info", description="Level of the JSON log lines (BANDIT_LOG_LEVEL)."
+    )
+    drain_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        le=300,
+        description="After SIGTERM, keep serving this long with /readyz false (so a load "
+        "balancer stops routing here) before refusing new connections.",
+    )
+    shutdown_timeout_seconds: int = Field(
+        default=30, gt=0, description="Longest wait for in-flight requests after SIGTERM."
+    )
+    metrics_window_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Sliding window of the store-derived reward metrics on /metrics.",
+    )
+
     @field_validator("database_url")
     @classmethod
     def _known_driver(cls, value: str) -> str:

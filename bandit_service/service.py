@@ -78,6 +78,8 @@ class DecisionService:
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._trainer_stop = threading.Event()
         self._trainer_thread: threading.Thread | None = None
+        self.draining = False  # set on SIGTERM: /readyz says no while in-flight work ends
+        self._models_ready = False  # the first model refresh (or empty model) is done
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -86,6 +88,7 @@ class DecisionService:
         if ok:
             await asyncio.to_thread(self._load_user_secret)
             await asyncio.to_thread(self.models.refresh)
+            self._models_ready = True
         else:
             log.warning("store not ready at start: %s", reason)
         loop = asyncio.get_running_loop()
@@ -117,6 +120,7 @@ class DecisionService:
             await asyncio.sleep(self.settings.model_reload_seconds)
             try:
                 await asyncio.to_thread(self.models.refresh)
+                self._models_ready = True
             except Exception:
                 log.exception("model reload failed; serving the current models")
 
@@ -140,20 +144,42 @@ class DecisionService:
 
     async def close(self) -> None:
         """Flush acknowledged writes, stop the trainer after its current step, stop reloads."""
+        self.draining = True
         await self.writer.close()
+        log.info(
+            "batch writer flushed",
+            extra={"event": "shutdown", "phase": "writer_flushed",
+                   "rows_committed": self.writer.rows_committed},
+        )  # fmt: skip
         for task in (self._reload_task, self._popularity_task, self._checkpoint_task):
             if task is not None:
                 task.cancel()
         self._trainer_stop.set()
         if self._trainer_thread is not None:
             await asyncio.to_thread(self._trainer_thread.join)
+            log.info("trainer stopped at its last checkpoint",
+                     extra={"event": "shutdown", "phase": "trainer_stopped"})  # fmt: skip
         if self._owns_db:
             self.db.dispose()  # return every pooled connection now, not at garbage collection
 
+    def begin_draining(self) -> None:
+        """Shutdown has begun: report not ready, keep serving what still arrives."""
+        self.draining = True
+
     async def readiness(self) -> tuple[bool, str]:
+        """Ready: not draining, store migrated to head, policies loaded (at construction),
+        and every policy's model loaded (the newest checkpoint, or the empty model)."""
+        if self.draining:
+            return False, "draining: the process is shutting down"
         ok, reason = await asyncio.to_thread(check_ready, self.db)
         if ok and self._user_secret is None:
             await asyncio.to_thread(self._load_user_secret)
+        if ok and not self._models_ready:
+            try:
+                await asyncio.to_thread(self.models.refresh)
+            except Exception as exc:
+                return False, f"models not loaded: {type(exc).__name__}: {exc}".splitlines()[0]
+            self._models_ready = True
         return ok, reason
 
     def _load_user_secret(self) -> None:
