@@ -13,7 +13,10 @@ from bandit_service import __version__
 from bandit_service.api.errors import BodySizeLimit, install_error_handlers
 from bandit_service.api.routes import router
 from bandit_service.config import Settings
+from bandit_service.ops import metrics
+from bandit_service.ops.http import RequestContext
 from bandit_service.ops.lifecycle import DrainOnSigterm
+from bandit_service.ops.routes import router as ops_router
 from bandit_service.policy import load_policies
 from bandit_service.service import DecisionService
 
@@ -45,6 +48,7 @@ def create_app(
         finally:
             drain.uninstall()
             await service.close()
+            metrics.process_stopped()
 
     app = FastAPI(
         title="bandit-service",
@@ -56,9 +60,14 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = service
+    app.state.store_metrics = metrics.StoreMetrics(
+        service.db, policies, settings.metrics_window_seconds
+    )
     app.include_router(router)
+    app.include_router(ops_router)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, access_log=settings.access_log)  # outermost: ids, latency
     return app
 
 

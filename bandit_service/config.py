@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         default="info", description="Level of the JSON log lines (BANDIT_LOG_LEVEL)."
     )
+    access_log: bool = Field(
+        default=False, description="Log every request at info (else at debug)."
+    )
     drain_seconds: float = Field(
         default=0.0,
         ge=0,

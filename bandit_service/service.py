@@ -27,6 +27,7 @@ from bandit_service.engine import DecisionEngine
 from bandit_service.errors import InvalidRequest, NotFound, Unavailable
 from bandit_service.holdout import PopularityBoard
 from bandit_service.model_registry import ModelRegistry
+from bandit_service.ops import events
 from bandit_service.policy import PolicyConfig
 from bandit_service.reports.lift import collect_outcomes, lift_report
 from bandit_service.rewards import PRIMARY
@@ -233,6 +234,8 @@ class DecisionService:
         user_key = self.user_key(request.user_id) if request.user_id is not None else None
         row = decision_row(decision, request, user_key, time.time())
         result = await self.writer.write_decision(row)
+        if result.created:
+            events.decision_stored(result.row)
         return result.row
 
     def _find(self, event_id: str) -> dict[str, Any] | None:
@@ -310,6 +313,7 @@ class DecisionService:
                 "reward_id": str(uuid.uuid4()),
             }
         )
+        events.reward_stored(row, index, value, kind, late, primary=kind == PRIMARY)
         return {
             "event_id": event_id,
             "slot": index,

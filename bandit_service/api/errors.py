@@ -24,6 +24,7 @@ from bandit_service.errors import (
     Unavailable,
     UnknownPolicy,
 )
+from bandit_service.ops.logs import REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _on_unexpected(request: Request, exc: Exception) -> Response:
         incident = uuid.uuid4().hex[:12]
         log.exception("unhandled error %s on %s %s", incident, request.method, request.url.path)
-        return error_response(500, "internal", f"internal error (incident {incident})")
+        request_id = REQUEST_ID.get()  # the request-context middleware is inside this one
+        return error_response(
+            500, "internal", f"internal error (incident {incident})",
+            headers={"x-request-id": request_id} if request_id else None,
+        )  # fmt: skip
 
 
 class BodySizeLimit:
