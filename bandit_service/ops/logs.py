@@ -33,6 +33,27 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
 }
 
 
+def _install_request_id_factory() -> None:
+    """Stamp each record with the current request id when it is *created* (in the request's
+    context), not when a handler formats it, which may happen elsewhere."""
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "_adds_request_id", False):
+        return
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        request_id = REQUEST_ID.get()
+        if request_id is not None:
+            record.request_id = request_id
+        return record
+
+    factory._adds_request_id = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
+
+
+_install_request_id_factory()
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line."""
 
@@ -45,9 +66,6 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        request_id = REQUEST_ID.get()
-        if request_id is not None:
-            entry["request_id"] = request_id
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
