@@ -110,7 +110,10 @@ def _train(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     log.info("trainer %s started for %s", trainer.owner, ", ".join(trainer.trainers) or "nothing")
-    trainer.run_forever(stop, settings.train_interval_seconds)
+    heartbeat = Path(args.heartbeat) if args.heartbeat else None
+    trainer.run_forever(
+        stop, settings.train_interval_seconds, heartbeat.touch if heartbeat else None
+    )
     log.info("trainer %s stopped", trainer.owner)
     return 0
 
@@ -340,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--policy", action="append", help="only this policy (repeatable)")
     train.add_argument("--once", action="store_true", help="learn what is ready now, then exit")
+    train.add_argument(
+        "--heartbeat", metavar="FILE", help="touch FILE every cycle (a liveness healthcheck)"
+    )
     train.set_defaults(func=_train)
 
     report = sub.add_parser("report", help="reports from the decision log")

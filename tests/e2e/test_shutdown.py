@@ -132,4 +132,4 @@ def test_sigterm_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
     # The trainer stopped cleanly: its checkpoints are committed and its lease released.
     assert checkpoints and checkpoints > 0
     assert leases == 0
-    assert "\"phase\":\"writer_flushed\"" in log and "\"phase\":\"trainer_stopped\"" in log
+    assert '"phase":"writer_flushed"' in log and '"phase":"trainer_stopped"' in log
