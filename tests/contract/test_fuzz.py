@@ -22,7 +22,9 @@ from typing import Any
 
 import pytest
 import schemathesis
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -40,13 +42,14 @@ COUNTS: collections.Counter[str] = collections.Counter()
 
 
 def _app(folder: Path) -> Any:
-    """The app on a fresh SQLite store in ``folder``."""
+    """The app on a SQLite store in ``folder`` (made and migrated on first use)."""
     policies = folder / "policies"
-    policies.mkdir()
-    for name, body in TEST_POLICIES.items():
-        (policies / f"{name}.toml").write_text(body)
     url = f"sqlite:///{folder / 'fuzz.db'}"
-    upgrade(url)
+    if not policies.exists():
+        policies.mkdir()
+        for name, body in TEST_POLICIES.items():
+            (policies / f"{name}.toml").write_text(body)
+        upgrade(url)
     settings = Settings(
         database_url=url, policies_dir=policies, trainer="off", max_body_bytes=64 * 1024
     )
@@ -63,10 +66,34 @@ def _schema_folder() -> Path:
 schema = schemathesis.openapi.from_asgi("/openapi.json", _app(_schema_folder()))
 
 
+SEEDED = {"seed-single": "default", "seed-pair": "bounded"}  # event id -> policy
+
+
+@schema.hook
+def flatmap_path_parameters(_context: Any, path_parameters: dict[str, Any]) -> Any:
+    """Random ids are almost never found (404); a third of the time use an id or policy
+    name that exists, so the reward, activation, read-back, lift and OPE code runs on
+    generated bodies and queries too."""
+    if not path_parameters:
+        return st.just(path_parameters)
+    choices = [path_parameters]
+    if "event_id" in path_parameters:
+        choices += [{**path_parameters, "event_id": event_id} for event_id in SEEDED]
+    if "name" in path_parameters:
+        choices += [{**path_parameters, "name": name} for name in TEST_POLICIES]
+    return st.sampled_from(choices)
+
+
 @pytest.fixture
 def app(tmp_path: Path) -> Any:
-    """A fresh app and store per operation: schemathesis ends an app's lifespan (flushing
-    the writer, as on SIGTERM) when each operation's test ends."""
+    """A fresh app and store per operation (schemathesis ends an app's lifespan, which
+    flushes the writer as on SIGTERM, when each operation's test ends), with one decision
+    per policy already logged by another app instance on the same store."""
+    with TestClient(_app(tmp_path)) as seeder:
+        for event_id, policy in SEEDED.items():
+            body = {"event_id": event_id, "policy": policy, "user_id": "u",
+                    "candidates": [{"id": "a"}, {"id": "b"}, {"id": "c"}]}  # fmt: skip
+            assert seeder.post("/v1/decisions", json=body).status_code == 200
     return _app(tmp_path)
 
 
