@@ -1,6 +1,8 @@
-"""SIGTERM under load: every acknowledged decision and reward is in the store, exit 0.
+"""The real server with two workers: metrics add up; SIGTERM under load loses nothing.
 
-The real server runs in a subprocess (uvicorn, a temp SQLite store). Eight clients decide
+The real server runs in a subprocess (uvicorn, 2 workers, a temp SQLite store). First,
+decisions on fresh connections land on both workers and every scrape of /metrics reports
+their sum (prometheus multiprocess mode). Then eight clients decide
 and reward as fast as they can; after a few hundred acknowledgements the server gets
 SIGTERM. It drains (``/readyz`` 503 while still serving), stops accepting, finishes what
 is in flight, flushes the group-commit writer and stops the trainer. Afterwards every
@@ -14,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 
 from tests.e2e.server import running_server
@@ -87,7 +90,37 @@ async def _load_then_sigterm(server, decided, rewarded, readiness) -> None:  # t
             task.result()  # re-raise an unexpected status seen by a client
 
 
-def test_sigterm_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
+def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    return [
+        (s.labels, s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    ]
+
+
+def _check_metrics_sum_over_workers(url: str, decisions: int) -> None:
+    for i in range(decisions):
+        # A new connection each time, so the kernel spreads them over both workers.
+        r = httpx.post(
+            f"{url}/v1/decisions",
+            json={"event_id": f"mp-{i}", "candidates": CANDIDATES},
+            headers={"connection": "close"},
+        )
+        assert r.status_code == 200, r.text
+    processes: set[str] = set()
+    for _ in range(4):
+        text = httpx.get(f"{url}/metrics", headers={"connection": "close"}).text
+        total = sum(v for labels, v in _samples(text, "bandit_decisions_total"))
+        assert total == decisions  # whichever worker answered, the sum over both
+        processes |= {labels["process"] for labels, _ in
+                      _samples(text, "bandit_serving_model_version")}  # fmt: skip
+    assert len(processes) == 2
+
+
+def test_two_workers_sum_metrics_and_sigterm_loses_no_acknowledged_event(
+    tmp_path: Path,
+) -> None:
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "default.toml").write_text(POLICY)
@@ -99,12 +132,14 @@ def test_sigterm_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
         "BANDIT_TRAIN_INTERVAL_SECONDS": "0.2",
         "BANDIT_TRAINER_COMMIT_GRACE_SECONDS": "0.2",
         "BANDIT_LOG_LEVEL": "info",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
     }
     decided: set[str] = set()
     rewarded: set[tuple[str, float]] = set()
     readiness: list[tuple[int, str]] = []
-    with running_server(tmp_path, env) as server:
-        time.sleep(1.5)  # let some reward windows close, so the trainer is mid-work
+    with running_server(tmp_path, env, workers=2) as server:
+        _check_metrics_sum_over_workers(server.url, 20)
+        time.sleep(1.0)  # let some reward windows close, so the trainer is mid-work
         asyncio.run(_load_then_sigterm(server, decided, rewarded, readiness))
         code = server.wait(60)
         log = server.log_text()
@@ -127,6 +162,7 @@ def test_sigterm_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
         checkpoints = connection.execute(text("SELECT count(*) FROM model_checkpoints")).scalar()
     engine.dispose()
     assert len(decided) >= 200
+    assert {f"mp-{i}" for i in range(20)} <= stored
     assert decided <= stored, f"{len(decided - stored)} acknowledged decisions lost"
     assert rewarded <= stored_rewards, f"{len(rewarded - stored_rewards)} rewards lost"
     # The trainer stopped cleanly: its checkpoints are committed and its lease released.
