@@ -21,6 +21,7 @@ an add; a memory-mapped write in multiprocess mode).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     from bandit_service.policy import PolicyConfig
 
 __all__ = ["CONTENT_TYPE_LATEST", "LIVE", "StoreMetrics", "exposition"]
+
+log = logging.getLogger(__name__)
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 PROCESS = str(os.getpid())
@@ -195,9 +198,22 @@ class StoreMetrics(Collector):
         self._cached_at = -float("inf")
 
     def collect(self) -> Iterator[Metric]:
+        """The store's families plus ``bandit_store_metrics_up``: when the store cannot be
+        read, the live metrics are still served and ``up`` says why the rest is missing."""
         with self._lock:
             if time.monotonic() - self._cached_at >= self._cache_seconds:
-                self._cached = self._read(time.time())
+                up = GaugeMetricFamily(
+                    "bandit_store_metrics_up", "1 if the store-derived metrics could be read."
+                )
+                try:
+                    self._cached = self._read(time.time())
+                    up.add_metric([], 1)
+                except Exception as exc:
+                    log.warning("store metrics unavailable: %s", type(exc).__name__,
+                                extra={"event": "metrics", "error": str(exc)[:200]})  # fmt: skip
+                    self._cached = []
+                    up.add_metric([], 0)
+                self._cached = [*self._cached, up]
                 self._cached_at = time.monotonic()
             yield from self._cached
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import orjson
 import pytest
@@ -164,3 +165,18 @@ def test_json_formatter_keeps_a_traceback_on_one_line() -> None:
     assert "\n" not in line
     entry = orjson.loads(line)
     assert entry["message"] == "failed it" and "ValueError: boom" in entry["exc"]
+
+
+def test_store_metrics_degrade_to_up_zero_when_the_store_cannot_be_read(
+    tmp_path: Path, policies_dir: Path
+) -> None:
+    from bandit_service.ops.metrics import StoreMetrics, exposition
+    from bandit_service.policy import load_policies
+    from bandit_service.store.database import make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'unmigrated.db'}")  # no tables at all
+    store = StoreMetrics(engine, load_policies(policies_dir), window_seconds=60)
+    text = exposition(store).decode()
+    assert "bandit_store_metrics_up 0.0" in text
+    assert "bandit_decisions_total" in text or "bandit_http_requests" in text  # live still served
+    engine.dispose()
