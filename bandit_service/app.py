@@ -17,21 +17,34 @@ from bandit_service.api.privacy_routes import router as privacy_router
 from bandit_service.api.routes import router
 from bandit_service.apikeys import load_keyring
 from bandit_service.config import Settings
+from bandit_service.ops import metrics
+from bandit_service.ops.http import RequestContext
+from bandit_service.ops.lifecycle import DrainOnSigterm
+from bandit_service.ops.routes import router as ops_router
 from bandit_service.policy import load_policies
 from bandit_service.privacy import install_log_redaction
 from bandit_service.service import DecisionService
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
-    """Build the app. Policies are loaded (and validated) now, so bad config fails at start."""
+def create_app(
+    settings: Settings | None = None, engine: Engine | None = None, *, under_server: bool = False
+) -> FastAPI:
+    """Build the app. Policies are loaded (and validated) now, so bad config fails at start.
+
+    ``under_server``: running under uvicorn (``serve``), so SIGTERM drains the service
+    first (see :mod:`bandit_service.ops.lifecycle`); never set inside a test process.
+    """
     settings = settings or Settings()
     policies = load_policies(settings.policies_dir)
     keyring = load_keyring(settings, policies)  # bad key config fails at start, too
     service = DecisionService(settings, policies, engine=engine)
+    drain = DrainOnSigterm(service.begin_draining, settings.drain_seconds)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        if under_server:
+            drain.install()
         # Everything allocated so far (libraries, schemas, models) lives for the whole
         # process; moving it out of the collector's reach keeps full collections short
         # (they paused 500-candidate requests for ~100 ms every ~20 requests).
@@ -39,7 +52,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         try:
             yield
         finally:
+            drain.uninstall()
             await service.close()
+            metrics.process_stopped()
 
     app = FastAPI(
         title="bandit-service",
@@ -51,16 +66,21 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         lifespan=lifespan,
     )
     app.state.service = service
+    app.state.store_metrics = metrics.StoreMetrics(
+        service.db, policies, settings.metrics_window_seconds
+    )
     app.include_router(router)
     app.include_router(personalizer_router)  # Azure Personalizer-compatible facade
     app.include_router(privacy_router)  # issue 10: delete-user, opt-out, explanations
     install_log_redaction()  # raw user ids in /v1/users/... paths never reach access logs
+    app.include_router(ops_router)
     install_error_handlers(app)
     install_auth(app, keyring)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, access_log=settings.access_log)  # outermost: ids, latency
     return app
 
 
 def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` (each worker process builds its own app)."""
-    return create_app(Settings())
+    return create_app(Settings(), under_server=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,20 +18,33 @@ from bandit_service.policy import PolicyError, load_policies
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from bandit_service.ops import logs
+    from bandit_service.ops.lifecycle import exit_cleanly_on_sigterm
+
+    # Workers build their own Settings from the environment: pass the flags on that way.
+    if args.log_level:
+        os.environ["BANDIT_LOG_LEVEL"] = args.log_level.lower()
+    if args.access_log:
+        os.environ["BANDIT_ACCESS_LOG"] = "true"
     settings = Settings()
+    logs.configure(settings.log_level)
     policies = load_policies(settings.policies_dir)  # fail here, once, with a clear message
     if not _access_allows(settings, policies, args.host):
         return 2
     if args.migrate:
         _migrate(args)
+    if args.workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _prepare_multiprocess_metrics()
+    exit_cleanly_on_sigterm()
     uvicorn.run(
         "bandit_service.app:app_from_env",
         factory=True,
         host=args.host,
         port=args.port,
         workers=args.workers,
-        log_level=args.log_level,
-        access_log=args.access_log,
+        log_config=logs.dict_config(settings.log_level),
+        access_log=False,  # client addresses and raw paths; the app logs its own lines
+        timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
     )
     return 0
 
@@ -114,6 +128,28 @@ def _keys_list(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_multiprocess_metrics() -> None:
+    """Several workers: each writes its metrics to files in PROMETHEUS_MULTIPROC_DIR and any
+    of them answers a scrape with the sum. The folder must be emptied before the workers
+    start (values of a previous run would be added); unset, a fresh temporary one is made.
+    Must run before anything imports prometheus_client (it reads the variable at import).
+    """
+    import tempfile
+
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        folder = tempfile.mkdtemp(prefix="bandit-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink()
+    logging.getLogger(__name__).info(
+        "metrics of all workers are summed through %s", folder,
+        extra={"event": "startup", "prometheus_multiproc_dir": folder},
+    )  # fmt: skip
+
+
 def _migrate(args: argparse.Namespace) -> int:
     from bandit_service.store.database import downgrade, upgrade
 
@@ -157,7 +193,10 @@ def _train(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     log.info("trainer %s started for %s", trainer.owner, ", ".join(trainer.trainers) or "nothing")
-    trainer.run_forever(stop, settings.train_interval_seconds)
+    heartbeat = Path(args.heartbeat) if args.heartbeat else None
+    trainer.run_forever(
+        stop, settings.train_interval_seconds, heartbeat.touch if heartbeat else None
+    )
     log.info("trainer %s stopped", trainer.owner)
     return 0
 
@@ -469,8 +508,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=1)
-    serve.add_argument("--log-level", default="info")
-    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error", "critical"],
+        help="default: BANDIT_LOG_LEVEL, else info",
+    )
+    serve.add_argument(
+        "--access-log", action="store_true", help="log every request (BANDIT_ACCESS_LOG)"
+    )
     serve.add_argument("--migrate", action="store_true", help="migrate the store to head first")
     serve.set_defaults(func=_serve)
 
@@ -484,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--policy", action="append", help="only this policy (repeatable)")
     train.add_argument("--once", action="store_true", help="learn what is ready now, then exit")
+    train.add_argument(
+        "--heartbeat", metavar="FILE", help="touch FILE every cycle (a liveness healthcheck)"
+    )
     train.set_defaults(func=_train)
 
     report = sub.add_parser("report", help="reports from the decision log")
@@ -580,7 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from bandit_service.ops import logs
+
+    level = os.environ.get("BANDIT_LOG_LEVEL", "info").lower()
+    logs.configure(level if level in logs.LEVELS else "info")  # Settings() reports a bad one
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:

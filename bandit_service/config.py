@@ -81,6 +81,29 @@ class Settings(BaseSettings):
         default=None, ge=1, description="Default bucket size; None: max(1, rate)."
     )
 
+    # -- operability (issue 11): shutdown, logs, metrics ------------------------------------
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        default="info", description="Level of the JSON log lines (BANDIT_LOG_LEVEL)."
+    )
+    access_log: bool = Field(
+        default=False, description="Log every request at info (else at debug)."
+    )
+    drain_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        le=300,
+        description="After SIGTERM, keep serving this long with /readyz false (so a load "
+        "balancer stops routing here) before refusing new connections.",
+    )
+    shutdown_timeout_seconds: int = Field(
+        default=30, gt=0, description="Longest wait for in-flight requests after SIGTERM."
+    )
+    metrics_window_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Sliding window of the store-derived reward metrics on /metrics.",
+    )
+
     @field_validator("database_url")
     @classmethod
     def _known_driver(cls, value: str) -> str:

@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from bandit_service.learners.vw import VWLearner
+from bandit_service.ops import metrics
 from bandit_service.policy import PolicyConfig
 from bandit_service.store import repository
 
@@ -33,6 +34,8 @@ class ModelRegistry:
         self._swapped_at: dict[str, float] = {}  # when a checkpoint was last swapped in
         self._refresh_lock = threading.Lock()
         self.reloads = 0
+        for name in self._policies:
+            metrics.observe_serving(name, 0)
 
     def get(self, name: str) -> VWLearner:
         return self._learners[name]
@@ -94,6 +97,7 @@ class ModelRegistry:
                 self._learners[name] = learner
                 self._loaded_at[name] = self._swapped_at[name] = time.time()
                 self.reloads += 1
+                metrics.observe_reload(name, version)
                 changed.append(name)
                 log.info("policy %s: now serving model version %d", name, full["model_version"])
         return changed

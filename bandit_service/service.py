@@ -31,6 +31,7 @@ from bandit_service.errors import InvalidRequest, NotFound, Unavailable
 from bandit_service.holdout import PopularityBoard
 from bandit_service.identifiers import find_identifier
 from bandit_service.model_registry import ModelRegistry
+from bandit_service.ops import events
 from bandit_service.policy import PolicyConfig, PolicyError, load_policy_file
 from bandit_service.reports.lift import collect_outcomes, lift_report
 from bandit_service.rewards import PRIMARY
@@ -88,6 +89,8 @@ class DecisionService:
         self._trainer_thread: threading.Thread | None = None
         self._trainer: Trainer | None = None
         self._policy_files: dict[str, tuple[int, int]] = {}
+        self.draining = False  # set on SIGTERM: /readyz says no while in-flight work ends
+        self._models_ready = False  # the first model refresh (or empty model) is done
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -98,6 +101,7 @@ class DecisionService:
             await asyncio.to_thread(self._load_user_secret)
             await asyncio.to_thread(self.opt_outs.refresh)
             await asyncio.to_thread(self.models.refresh)
+            self._models_ready = True
         else:
             log.warning("store not ready at start: %s", reason)
         loop = asyncio.get_running_loop()
@@ -135,6 +139,7 @@ class DecisionService:
                 log.exception("policy reload failed; serving the current policies")
             try:
                 await asyncio.to_thread(self.models.refresh)
+                self._models_ready = True
             except Exception:
                 log.exception("model reload failed; serving the current models")
 
@@ -225,7 +230,13 @@ class DecisionService:
 
     async def close(self) -> None:
         """Flush acknowledged writes, stop the trainer after its current step, stop reloads."""
+        self.draining = True
         await self.writer.close()
+        log.info(
+            "batch writer flushed",
+            extra={"event": "shutdown", "phase": "writer_flushed",
+                   "rows_committed": self.writer.rows_committed},
+        )  # fmt: skip
         for task in (
             self._reload_task,
             self._popularity_task,
@@ -237,13 +248,29 @@ class DecisionService:
         self._trainer_stop.set()
         if self._trainer_thread is not None:
             await asyncio.to_thread(self._trainer_thread.join)
+            log.info("trainer stopped at its last checkpoint",
+                     extra={"event": "shutdown", "phase": "trainer_stopped"})  # fmt: skip
         if self._owns_db:
             self.db.dispose()  # return every pooled connection now, not at garbage collection
 
+    def begin_draining(self) -> None:
+        """Shutdown has begun: report not ready, keep serving what still arrives."""
+        self.draining = True
+
     async def readiness(self) -> tuple[bool, str]:
+        """Ready: not draining, store migrated to head, policies loaded (at construction),
+        and every policy's model loaded (the newest checkpoint, or the empty model)."""
+        if self.draining:
+            return False, "draining: the process is shutting down"
         ok, reason = await asyncio.to_thread(check_ready, self.db)
         if ok and self._user_secret is None:
             await asyncio.to_thread(self._load_user_secret)
+        if ok and not self._models_ready:
+            try:
+                await asyncio.to_thread(self.models.refresh)
+            except Exception as exc:
+                return False, f"models not loaded: {type(exc).__name__}: {exc}".splitlines()[0]
+            self._models_ready = True
         return ok, reason
 
     def _load_user_secret(self) -> None:
@@ -305,6 +332,8 @@ class DecisionService:
         decision = self.engine.decide(request)
         row = decision_row(decision, request, user_key, time.time())
         result = await self.writer.write_decision(row)
+        if result.created:
+            events.decision_stored(result.row)
         return result.row
 
     def _find(self, event_id: str) -> dict[str, Any] | None:
@@ -397,6 +426,7 @@ class DecisionService:
                 "reward_id": str(uuid.uuid4()),
             }
         )
+        events.reward_stored(row, index, value, kind, late, primary=kind == PRIMARY)
         return {
             "event_id": event_id,
             "slot": index,

@@ -367,9 +367,17 @@ class Trainer:
                 self.on_checkpoint(name, result.model_version)
         return results
 
-    def run_forever(self, stop: threading.Event, interval: float) -> None:
-        """Train until ``stop`` is set; errors are logged and retried, never fatal."""
+    def run_forever(
+        self,
+        stop: threading.Event,
+        interval: float,
+        on_cycle: Callable[[], object] | None = None,
+    ) -> None:
+        """Train until ``stop`` is set; errors are logged and retried, never fatal.
+        ``on_cycle`` runs after every cycle (the CLI's liveness heartbeat)."""
         while not stop.is_set():
+            if on_cycle is not None:
+                on_cycle()
             try:
                 for name, result in self.run_once().items():
                     if result.learned or result.skipped:

@@ -57,6 +57,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--candidates", type=int, default=500)
     parser.add_argument("--slots", type=int, default=5)
+    parser.add_argument(
+        "--log-level", default="warning", help="server log level (info: one line per decision)"
+    )
     args = parser.parse_args()
     rng = random.Random(3)
     pool = candidates(rng, args.candidates)
@@ -76,8 +79,9 @@ def main() -> None:
         port = free_port()
         cli = Path(sys.executable).parent / "bandit-service"
         server = subprocess.Popen(
-            [str(cli), "serve", "--migrate", "--port", str(port), "--log-level", "warning"],
+            [str(cli), "serve", "--migrate", "--port", str(port), "--log-level", args.log_level],
             env=env,
+            stderr=subprocess.DEVNULL if args.log_level != "warning" else None,
         )
         try:
             url = f"http://127.0.0.1:{port}"

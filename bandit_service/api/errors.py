@@ -24,6 +24,7 @@ from bandit_service.errors import (
     Unavailable,
     UnknownPolicy,
 )
+from bandit_service.ops.logs import REQUEST_ID
 from bandit_service.privacy import redact_user_path
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,11 @@ def install_error_handlers(app: FastAPI) -> None:
         incident = uuid.uuid4().hex[:12]
         path = redact_user_path(request.url.path)  # user ids never reach logs (issue 10)
         log.exception("unhandled error %s on %s %s", incident, request.method, path)
-        return error_response(500, "internal", f"internal error (incident {incident})")
+        request_id = REQUEST_ID.get()  # the request-context middleware is inside this one
+        return error_response(
+            500, "internal", f"internal error (incident {incident})",
+            headers={"x-request-id": request_id} if request_id else None,
+        )  # fmt: skip
 
 
 class BodySizeLimit:

@@ -295,7 +295,11 @@ async def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
-@router.get("/readyz", summary="Store reachable and migrations at head")
+@router.get(
+    "/readyz",
+    summary="Ready for traffic: store migrated to head, models loaded, not shutting down",
+    responses={503: {"description": "Not ready; `reason` says why (e.g. draining)"}},
+)
 async def readyz(service: ServiceDep) -> Response:
     ok, reason = await service.readiness()
     return json_response({"ready": ok, "reason": reason}, 200 if ok else 503)

@@ -24,6 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from bandit_service.errors import Unavailable
+from bandit_service.ops import metrics
 from bandit_service.store import repository
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class BatchWriter:
             raise Unavailable("the service is shutting down; retry on another instance")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Write(kind, payload, future))
+        metrics.WRITER_QUEUE.inc()
         return await future
 
     async def _run(self) -> None:
@@ -105,6 +107,7 @@ class BatchWriter:
             batch = [await self._queue.get()]
             while len(batch) < self._max_rows and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            metrics.WRITER_QUEUE.dec(len(batch))
             try:
                 outcomes = await loop.run_in_executor(self._executor, self._commit, batch)
             except BaseException as exc:  # even cancellation must not strand waiting requests
@@ -128,10 +131,13 @@ class BatchWriter:
         return [self._commit_alone(write) for write in batch]
 
     def _commit_once(self, batch: list[_Write]) -> list[Any]:
+        start = time.perf_counter()
         with Session(self._engine) as session, session.begin():
             if any(w.kind == "decision" for w in batch):
                 repository.serialize_log_appends(session)
             outcomes = _apply(session, batch, self._late_margin)
+        metrics.WRITER_COMMIT_SECONDS.observe(time.perf_counter() - start)
+        metrics.WRITER_BATCH_ROWS.observe(len(batch))
         self.batches_committed += 1
         self.rows_committed += len(batch)
         return outcomes

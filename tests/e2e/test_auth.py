@@ -33,6 +33,7 @@ SCOPE_OF: dict[tuple[str, str], str] = {
     ("GET", "/v1/policies/{name}/lift"): "read",
     ("GET", "/v1/policies/{name}/ope"): "read",
     ("GET", "/v1/decisions/{event_id}/explanation"): "read",
+    ("GET", "/metrics"): "read",
     ("DELETE", "/v1/users/{user_id}"): "admin",
     ("PUT", "/v1/users/{user_id}/opt-out"): "admin",
     ("DELETE", "/v1/users/{user_id}/opt-out"): "admin",
@@ -62,6 +63,7 @@ SAMPLE: dict[tuple[str, str], tuple[str, Any, int]] = {
     ("GET", "/v1/decisions/{event_id}/explanation"): (
         "/v1/decisions/evt-m/explanation", None, 200,
     ),
+    ("GET", "/metrics"): ("/metrics", None, 200),
     ("DELETE", "/v1/users/{user_id}"): ("/v1/users/someone-else", None, 200),
     ("PUT", "/v1/users/{user_id}/opt-out"): ("/v1/users/u-opt/opt-out", None, 200),
     ("DELETE", "/v1/users/{user_id}/opt-out"): ("/v1/users/u-opt/opt-out", None, 200),

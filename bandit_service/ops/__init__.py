@@ -1,0 +1,1 @@
+"""Operability: graceful shutdown, metrics, structured logs and request ids (issue 11)."""
