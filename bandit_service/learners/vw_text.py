@@ -57,49 +57,67 @@ def _render_feature(name: str, value: Any, out: list[str]) -> None:
         raise TypeError(f"feature {name!r} has unsupported type {type(value).__name__}")
 
 
-# Rendered ``name:value`` / ``name=value`` tokens by (name, value). Context features repeat
-# across events (the same categories, the same rounded numbers), and escaping plus number
-# formatting cost ~1 µs a feature, which was a sixth of the trainer's time per event. Exact:
-# keys that compare equal render equally (``True``, ``1`` and ``1.0`` all render ``:1``),
-# except ``0.0`` and ``-0.0``, so zero numbers are never cached. Bounded like the line cache.
-_TOKENS: dict[tuple[str, Any], str] = {}
-_TOKENS_MAX = 200_000
-_CACHEABLE = (str, int, float, bool)
+# Rendering caches for the shared line, which is rendered for every prediction and every
+# learned event (escaping and formatting cost ~1 µs a feature, a sixth of the trainer's
+# time per event). Both are exact and bounded like the line cache:
+# * ``_STRING_TOKENS``: ``name=value`` by (name, value) for string values, which are
+#   usually categories that repeat from event to event;
+# * ``_NUMBER_PREFIXES``: ``escaped-name:`` by name, for numbers (often high-cardinality
+#   values, so the value part is formatted each time: ~0.2 µs).
+_STRING_TOKENS: dict[tuple[str, str], str] = {}
+_NUMBER_PREFIXES: dict[str, str] = {}
+_CACHE_MAX = 200_000
 
 
-def _render_scalar(name: str, value: Any, out: list[str]) -> None:
-    """Append one feature's token(s), through the token cache where that is exact."""
-    if type(value) in _CACHEABLE and (type(value) is str or value != 0):
-        key = (name, value)
-        token = _TOKENS.get(key)
-        if token is None:
-            rendered: list[str] = []
-            _render_feature(name, value, rendered)
-            token = rendered[0]
-            if len(_TOKENS) >= _TOKENS_MAX:
-                _TOKENS.clear()
-            _TOKENS[key] = token
-        out.append(token)
-    else:
-        _render_feature(name, value, out)
+def _tokens(features: Mapping[str, Any], out: list[str]) -> list[tuple[str, Any]]:
+    """Append the tokens of ``features``' scalar values to ``out`` (same text as
+    :func:`_render_feature`); return the nested ``(namespace, map)`` items, in order."""
+    strings, prefixes = _STRING_TOKENS, _NUMBER_PREFIXES
+    nested: list[tuple[str, Any]] = []
+    for item in features.items():
+        value = item[1]
+        kind = type(value)
+        if kind is str:
+            token = strings.get(item)
+            if token is None:
+                token = f"{escape(item[0])}={escape(value)}"
+                if len(strings) >= _CACHE_MAX:
+                    strings.clear()
+                strings[item] = token
+            out.append(token)
+        elif kind is float or kind is int or kind is bool:
+            prefix = prefixes.get(item[0])
+            if prefix is None:
+                prefix = escape(item[0]) + ":"
+                if len(prefixes) >= _CACHE_MAX:
+                    prefixes.clear()
+                prefixes[item[0]] = prefix
+            out.append(prefix + format(float(value), ".9g"))
+        elif isinstance(value, Mapping):
+            nested.append(item)
+        else:
+            _render_feature(item[0], value, out)
+    return nested
 
 
 def render_namespaces(features: Mapping[str, Any], default_namespace: str) -> str:
-    """Render a (possibly one-level nested) feature map as `` |ns f … |ns2 g …``."""
+    """Render a (possibly one-level nested) feature map as `` |ns f … |ns2 g …``.
+
+    Flat features come first (in the default namespace), then each nested namespace in
+    order; within a namespace, features keep their order.
+    """
     flat: list[str] = []
-    nested: list[str] = []
-    for name, value in features.items():
-        if isinstance(value, Mapping):
-            if not NAMESPACE_NAME.match(name):
-                raise ValueError(f"namespace name {name!r} must match {NAMESPACE_NAME.pattern}")
-            tokens: list[str] = []
-            for inner_name, inner_value in value.items():
-                _render_scalar(inner_name, inner_value, tokens)
-            nested.append(f" |{name} {' '.join(tokens)}")
-        else:
-            _render_scalar(name, value, flat)
-    head = f" |{default_namespace} {' '.join(flat)}" if flat else ""
-    return head + "".join(nested)
+    nested = _tokens(features, flat)
+    parts = [f" |{default_namespace} {' '.join(flat)}"] if flat else []
+    for name, value in nested:
+        if not NAMESPACE_NAME.match(name):
+            raise ValueError(f"namespace name {name!r} must match {NAMESPACE_NAME.pattern}")
+        tokens: list[str] = []
+        deeper = _tokens(value, tokens)
+        if deeper:  # one level of nesting only (validated earlier; a programming error)
+            raise TypeError(f"feature {deeper[0][0]!r} has unsupported type dict")
+        parts.append(f" |{name} {' '.join(tokens)}")
+    return "".join(parts)
 
 
 def shared_line(

@@ -11,8 +11,10 @@ those was most of the trainer's time per event. Now:
 * **Distributions are positional.** A slot stores ``eligible``, the indices into the
   candidate set of the candidates it was drawn over, as flattened half-open runs
   (``[0, 50]`` = candidates 0..49, in order; ``[0, 3, 4, 50]`` skips candidate 3), and
-  ``p``, their probabilities in the same order. The slot's chosen ``id`` and
-  ``probability`` stay as they are.
+  ``p``, their probabilities in the same order as little-endian IEEE-754 doubles in
+  base64: exact, ~11 bytes a probability instead of ~30, one string to decode instead of
+  a list of 50-500 lists (which cost the trainer more than VW's parsing), and cheaper to
+  encode than JSON numbers. The slot's chosen ``id`` and ``probability`` stay as they are.
 
 Readers outside the trainer get the classic shape back (:func:`expand_slots`): the log's
 meaning is unchanged, only its storage. A slot whose distribution names an id missing from
@@ -22,7 +24,9 @@ reader accepts both forms.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -56,6 +60,16 @@ def indices(eligible: Sequence[int]) -> list[int]:
     return out
 
 
+def pack_probabilities(values: Sequence[float]) -> str:
+    """Doubles as base64 text (exact: the same floats come back)."""
+    return base64.b64encode(struct.pack(f"<{len(values)}d", *values)).decode("ascii")
+
+
+def unpack_probabilities(text: str) -> list[float]:
+    data = base64.b64decode(text)
+    return list(struct.unpack(f"<{len(data) // 8}d", data))
+
+
 def compact_slots(slots: Sequence[dict[str, Any]], ids: Sequence[str]) -> list[dict[str, Any]]:
     """Slots with ``pmf`` replaced by ``eligible`` runs and probabilities ``p``."""
     position = {cid: i for i, cid in enumerate(ids)}
@@ -67,7 +81,7 @@ def compact_slots(slots: Sequence[dict[str, Any]], ids: Sequence[str]) -> list[d
             continue
         compact = {k: v for k, v in slot.items() if k != "pmf"}
         compact["eligible"] = runs(position[cid] for cid, _p in pmf)
-        compact["p"] = [p for _cid, p in pmf]
+        compact["p"] = pack_probabilities([p for _cid, p in pmf])
         out.append(compact)
     return out
 
@@ -81,6 +95,7 @@ def expand_slots(slots: Sequence[dict[str, Any]], ids: Sequence[str]) -> list[di
             continue
         classic = {k: v for k, v in slot.items() if k not in ("eligible", "p")}
         chosen = [ids[i] for i in indices(slot["eligible"])]
-        classic["pmf"] = [[cid, p] for cid, p in zip(chosen, slot["p"], strict=True)]
+        probabilities = unpack_probabilities(slot["p"])
+        classic["pmf"] = [[cid, p] for cid, p in zip(chosen, probabilities, strict=True)]
         out.append(classic)
     return out

@@ -13,7 +13,9 @@ Create Date: 2026-11-22
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,7 +56,10 @@ def _compact(slots: Sequence[dict[str, Any]], ids: Sequence[str]) -> list[dict[s
                 runs += [i, i + 1]
         compact = {k: v for k, v in slot.items() if k != "pmf"}
         compact["eligible"] = runs
-        compact["p"] = [p for _cid, p in pmf]
+        probabilities = [float(p) for _cid, p in pmf]
+        compact["p"] = base64.b64encode(
+            struct.pack(f"<{len(probabilities)}d", *probabilities)
+        ).decode("ascii")
         out.append(compact)
     return out
 
@@ -68,7 +73,9 @@ def _expand(slots: Sequence[dict[str, Any]], ids: Sequence[str]) -> list[dict[st
         runs = slot["eligible"]
         chosen = [ids[i] for k in range(0, len(runs), 2) for i in range(runs[k], runs[k + 1])]
         classic = {k: v for k, v in slot.items() if k not in ("eligible", "p")}
-        classic["pmf"] = [[cid, p] for cid, p in zip(chosen, slot["p"], strict=True)]
+        data = base64.b64decode(slot["p"])
+        probabilities = struct.unpack(f"<{len(data) // 8}d", data)
+        classic["pmf"] = [[cid, p] for cid, p in zip(chosen, probabilities, strict=True)]
         out.append(classic)
     return out
 
