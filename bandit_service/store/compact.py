@@ -79,11 +79,11 @@ def compact_slots(slots: Sequence[dict[str, Any]], ids: Sequence[str]) -> list[d
     position = {cid: i for i, cid in enumerate(ids)}
     out = []
     for slot in slots:
-        pmf = slot.get("pmf")
+        pmf: list[Any] = slot.get("pmf") or []
         try:
-            found = [position[cid] for cid, _p in pmf] if pmf else None
-        except KeyError:
-            found = None
+            found = [position[cid] for cid, _p in pmf]
+        except KeyError:  # an id outside the candidate set: keep the slot as written
+            found = []
         if not found:
             out.append(slot)
             continue
