@@ -66,6 +66,7 @@ def _render_feature(name: str, value: Any, out: list[str]) -> None:
 #   values, so the value part is formatted each time: ~0.2 µs).
 _STRING_TOKENS: dict[tuple[str, str], str] = {}
 _NUMBER_PREFIXES: dict[str, str] = {}
+_NAMESPACES_OK: set[str] = set()  # namespace names already checked against NAMESPACE_NAME
 _CACHE_MAX = 200_000
 
 
@@ -110,8 +111,11 @@ def render_namespaces(features: Mapping[str, Any], default_namespace: str) -> st
     nested = _tokens(features, flat)
     parts = [f" |{default_namespace} {' '.join(flat)}"] if flat else []
     for name, value in nested:
-        if not NAMESPACE_NAME.match(name):
-            raise ValueError(f"namespace name {name!r} must match {NAMESPACE_NAME.pattern}")
+        if name not in _NAMESPACES_OK:
+            if not NAMESPACE_NAME.match(name):
+                raise ValueError(f"namespace name {name!r} must match {NAMESPACE_NAME.pattern}")
+            if len(_NAMESPACES_OK) < _CACHE_MAX:
+                _NAMESPACES_OK.add(name)
         tokens: list[str] = []
         deeper = _tokens(value, tokens)
         if deeper:  # one level of nesting only (validated earlier; a programming error)
