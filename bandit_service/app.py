@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy import Engine
@@ -12,6 +13,7 @@ from sqlalchemy import Engine
 from bandit_service import __version__
 from bandit_service.api.auth import install_auth
 from bandit_service.api.errors import BodySizeLimit, install_error_handlers
+from bandit_service.api.personalizer import document as document_personalizer
 from bandit_service.api.personalizer import router as personalizer_router
 from bandit_service.api.privacy_routes import router as privacy_router
 from bandit_service.api.routes import router
@@ -74,6 +76,7 @@ def create_app(
     app.include_router(privacy_router)  # issue 10: delete-user, opt-out, explanations
     install_log_redaction()  # raw user ids in /v1/users/... paths never reach access logs
     app.include_router(ops_router)
+    _document_personalizer_errors(app)
     install_error_handlers(app)
     install_auth(app, keyring)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
@@ -84,3 +87,15 @@ def create_app(
 def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` (each worker process builds its own app)."""
     return create_app(Settings(), under_server=True)
+
+
+def _document_personalizer_errors(app: FastAPI) -> None:
+    """The OpenAPI document shows the facade's own error answers (400, not 422)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_personalizer(build())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,9 +29,10 @@ from sqlalchemy.orm import Session
 
 from bandit_service.domain import Candidate
 from bandit_service.learners.vw import VWLearner
+from bandit_service.learners.vw_text import EligibleCandidates
 from bandit_service.policy import PolicyConfig
 from bandit_service.rewards import readiness, slot_rewards
-from bandit_service.store import repository
+from bandit_service.store import compact, repository
 from bandit_service.store.privacy import opted_out_among
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,10 @@ class StepResult:
     more: bool = False  # a full batch was handled; call again
 
 
+_MAX_CANDIDATE_SETS = 256
+_MAX_ELIGIBLE = 1024
+
+
 class LeaseLost(RuntimeError):
     pass
 
@@ -101,7 +106,12 @@ class PolicyTrainer:
     skipped_events: int = 0
     model_version: int = 0
     note: str = ""
-    _candidate_sets: dict[str, dict[str, Candidate]] = field(default_factory=dict, repr=False)
+    # Decoded candidate sets by key, and eligible lists by (set key, eligibility): both
+    # repeat from event to event, so each is decoded (and rendered by the learner) once.
+    _candidate_sets: dict[str, list[Candidate]] = field(default_factory=dict, repr=False)
+    _eligible: dict[tuple[str, tuple[Any, ...]], EligibleCandidates] = field(
+        default_factory=dict, repr=False
+    )
 
     def step(self) -> StepResult:
         now = self.clock()
@@ -114,18 +124,27 @@ class PolicyTrainer:
             latest = repository.latest_checkpoint(session, self.policy.name)
             if self.learner is None or (latest and latest["model_version"] != self.model_version):
                 self._load(session)
-            batch = repository.decisions_after(
-                session,
-                self.policy.name,
-                self.position,
-                self.options.batch_events,
-                candidates_as_text=True,
+            batch = repository.training_batch(
+                session, self.policy.name, self.position, self.options.batch_events
             )
+            self._load_candidate_sets(session, {d["candidate_set"] for d in batch})
             # Opted-out users are never learned from (issue 10), whatever arm was served.
             opted_out = opted_out_among(session, (d["user_key"] for d in batch))
         for decision in batch:
             decision["opted_out"] = decision["user_key"] in opted_out
         return self._learn_batch(batch, now)
+
+    def _load_candidate_sets(self, session: Session, keys: set[str]) -> None:
+        """Decode the batch's candidate sets not already known (bounded caches)."""
+        missing = keys - self._candidate_sets.keys()
+        if len(self._candidate_sets) + len(missing) > _MAX_CANDIDATE_SETS:
+            self._candidate_sets.clear()
+            self._eligible.clear()
+            missing = keys
+        for key, text in repository.candidate_set_texts(session, missing):
+            self._candidate_sets[key] = [
+                Candidate(c["id"], c.get("features") or {}) for c in orjson.loads(text)
+            ]
 
     def _load(self, session: Session) -> None:
         """Resume from this lineage's newest checkpoint, or start (warm) from position 0."""
@@ -204,25 +223,34 @@ class PolicyTrainer:
         if decision["arm"] != "bandit" or decision.get("opted_out"):
             return None
         try:
-            by_id = self._candidate_set(decision["candidates_text"])
-            return learning_examples(decision, self.policy, by_id)
-        except (KeyError, TypeError, ValueError, StopIteration) as exc:
+            return learning_examples(
+                decision,
+                self.policy,
+                lambda slot: self._eligible_for(decision["candidate_set"], slot),
+            )
+        except (KeyError, TypeError, ValueError, IndexError, StopIteration) as exc:
             log.error(
                 "policy %s: cannot replay event %s (%s: %s); skipped",
                 self.policy.name, decision.get("event_id"), type(exc).__name__, exc,
             )  # fmt: skip
             return None
 
-    def _candidate_set(self, text: str) -> dict[str, Candidate]:
-        """Decoded candidates by id, once per distinct candidate set (bounded cache)."""
-        found = self._candidate_sets.get(text)
+    def _eligible_for(self, set_key: str, slot: Mapping[str, Any]) -> EligibleCandidates:
+        """The candidates eligible for a logged slot, in logged order, shared by every event
+        with the same candidate set and eligibility."""
+        compact_form = "eligible" in slot
+        shape = tuple(slot["eligible"] if compact_form else (cid for cid, _p in slot["pmf"]))
+        found = self._eligible.get((set_key, shape))
         if found is None:
-            if len(self._candidate_sets) >= 256:
-                self._candidate_sets.clear()
-            found = {
-                c["id"]: Candidate(c["id"], c.get("features") or {}) for c in orjson.loads(text)
-            }
-            self._candidate_sets[text] = found
+            candidates = self._candidate_sets[set_key]
+            if compact_form:
+                found = EligibleCandidates(candidates[i] for i in compact.indices(shape))
+            else:  # a slot stored in the classic form (see store/compact.py)
+                by_id = {c.id: c for c in candidates}
+                found = EligibleCandidates(by_id.get(cid) or Candidate(cid) for cid in shape)
+            if len(self._eligible) >= _MAX_ELIGIBLE:
+                self._eligible.clear()
+            self._eligible[(set_key, shape)] = found
         return found
 
     def _checkpoint(self, position: int, learned: int, skipped: int) -> None:
@@ -261,12 +289,22 @@ class PolicyTrainer:
             repository.release_lease(session, self.policy.name, self.owner)
 
 
+def eligible_from_pmf(
+    by_id: Mapping[str, Candidate],
+) -> Callable[[Mapping[str, Any]], Sequence[Candidate]]:
+    """Eligible candidates of a slot in the classic row shape (``pmf`` of ``(id, p)``)."""
+    return lambda slot: [by_id.get(cid) or Candidate(cid) for cid, _p in slot["pmf"]]
+
+
 def learning_examples(
-    decision: Mapping[str, Any], policy: PolicyConfig, by_id: Mapping[str, Candidate]
+    decision: Mapping[str, Any],
+    policy: PolicyConfig,
+    eligible_for: Callable[[Mapping[str, Any]], Sequence[Candidate]],
 ) -> list[tuple[Any, ...]]:
     """One ``learn_slot`` argument tuple per slot of a logged bandit decision whose window
-    has closed: the candidates eligible for the slot (in pmf order), the chosen one, its
-    logged probability and the slot's reward (on-time rewards aggregated, else the default).
+    has closed: the candidates eligible for the slot (in pmf order, from ``eligible_for``),
+    the chosen one, its logged probability and the slot's reward (on-time rewards
+    aggregated, else the default).
 
     Shared by the trainer and the in-process simulator, so both learn the same examples.
     """
@@ -274,8 +312,11 @@ def learning_examples(
     apprentice = policy.learning_mode == "apprentice"
     examples = []
     for slot, reward in zip(decision["slots"], rewards, strict=True):
-        eligible = [by_id.get(cid) or Candidate(cid) for cid, _p in slot["pmf"]]
-        chosen = next(i for i, c in enumerate(eligible) if c.id == slot["id"])
+        eligible = eligible_for(slot)
+        if isinstance(eligible, EligibleCandidates):  # indexes its ids
+            chosen = eligible.position[slot["id"]]
+        else:
+            chosen = next(i for i, c in enumerate(eligible) if c.id == slot["id"])
         # Apprentice mode imitates: with only the baseline ever shown there is nothing
         # to compare its reward against, so the baseline is learned as the best action.
         examples.append(

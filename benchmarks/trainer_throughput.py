@@ -1,85 +1,165 @@
-"""Trainer throughput: learned events per second, VW alone and end to end from the store.
+"""Trainer throughput: learned events per second, end to end and against VW's own cost.
 
-    .venv/bin/python benchmarks/trainer_throughput.py [--events 5000] [--candidates 50]
+    .venv/bin/python benchmarks/trainer_throughput.py [--events 6000] [--candidates 50]
+        [--reward-share 0.3] [--rounds 3]
 
 Builds a SQLite log of closed-window decisions (``--candidates`` candidates x 10 features,
-a 20-feature context, 1 slot), then times (a) VW learning alone on those examples and
-(b) the trainer: read from the store, join rewards, learn, checkpoint.
+a 20-feature context, 1 slot, ``--reward-share`` of them rewarded), then times, in
+alternating rounds so that all three see the same machine load:
+
+* **VW floor**: VW parsing and learning the examples' text, rendered in advance (pylibvw
+  directly, as the learner does): what no trainer written around this VW text
+  interface can beat.
+* **VW via learn_slot**: the learner's public per-slot method on plain candidate lists
+  (render + parse + learn): the "VW alone" reference of earlier versions of this script.
+* **trainer**: read from the store, join rewards, learn, checkpoint (PolicyTrainer.step).
+
+Each is reported per wall-clock second and per CPU second of this (single-threaded)
+process: on a shared machine the CPU figure is the one-core throughput, the wall figure
+is what this run got. The median of ``--rounds`` is shown, plus the trainer's ratio to
+the floor. Finally it checks that the trainer's model equals learn_slot's, byte for byte.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _synthetic import candidates, context
+from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from bandit_service.domain import DecisionRequest, slot_list
+from bandit_service.domain import Candidate, DecisionRequest, slot_list
 from bandit_service.engine import DecisionEngine
-from bandit_service.learners.vw import VWLearner
+from bandit_service.learners import vw_text
+from bandit_service.learners.vw import VWLearner, cost_from_reward
 from bandit_service.policy import PolicyConfig
+from bandit_service.rewards import slot_rewards
 from bandit_service.service import decision_row
 from bandit_service.store import repository
 from bandit_service.store.database import make_engine, upgrade
+from bandit_service.store.models import ModelCheckpointRow
 from bandit_service.training import PolicyTrainer, TrainerOptions
+
+Timed = tuple[float, float]  # (wall seconds, CPU seconds)
+
+
+def timed(action: Callable[[], object]) -> Timed:
+    wall, cpu = time.perf_counter(), time.process_time()
+    action()
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--events", type=int, default=5000)
+    parser.add_argument("--events", type=int, default=6000)
     parser.add_argument("--candidates", type=int, default=50)
+    parser.add_argument("--reward-share", type=float, default=0.3)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     rng = random.Random(7)
     policy = PolicyConfig(name="bench", vw_args="--cb_explore_adf --epsilon 0.1 -q ua")
     pool = candidates(rng, args.candidates)
-    engine_ = DecisionEngine({"bench": policy}, lambda _n: serving)
     serving = VWLearner(policy.vw_args)
+    engine_ = DecisionEngine({"bench": policy}, lambda _n: serving)
 
     with tempfile.TemporaryDirectory() as folder:
         url = f"sqlite:///{folder}/bench.db"
         upgrade(url)
         db = make_engine(url)
         print(f"logging {args.events} decisions ({args.candidates} candidates)...", flush=True)
-        rows = []
+        rows, rewards = [], []
         for i in range(args.events):
             request = DecisionRequest(f"e{i}", "bench", tuple(pool), slot_list(1), context(rng))
             rows.append(decision_row(engine_.decide(request), request, None, 1000.0 + i))
+            if rng.random() < args.reward_share:
+                rewards.append(
+                    {"event_id": f"e{i}", "slot": 0, "value": 1.0, "received_at": 1001.0 + i,
+                     "late": False, "kind": "primary", "reward_id": str(uuid.uuid4())}
+                )  # fmt: skip
         with Session(db) as session, session.begin():
             repository.insert_decisions(session, rows)
+            repository.insert_rewards(session, rewards)
+        with Session(db) as session:
+            log = repository.decisions_after(session, "bench", 0, args.events)
+        # What the trainer learns, as plain arguments of learn_slot (holdout rows excluded).
+        slots: list[tuple[Any, ...]] = []
+        by_id = {c.id: c for c in pool}
+        for decision in log:
+            if decision["arm"] != "bandit":
+                continue
+            slot, reward = decision["slots"][0], slot_rewards(decision, policy)[0]
+            eligible = [by_id[cid] for cid, _p in slot["pmf"]]
+            chosen = [c.id for c in eligible].index(slot["id"])
+            probability = slot["probability"]
+            slots.append((decision["context"], 0, {}, eligible, chosen, probability, reward))
+        texts = [_text(*s) for s in slots]
 
-        learner = VWLearner(policy.vw_args)
-        start = time.perf_counter()
-        for row in rows:
-            slot = row["slots"][0]
-            eligible = [c for c in pool]
-            chosen = next(i for i, c in enumerate(eligible) if c.id == slot["id"])
-            learner.learn_slot(row["context"], 0, {}, eligible, chosen, slot["probability"], 0.0)
-        vw_only = args.events / (time.perf_counter() - start)
-
-        trainer = PolicyTrainer(
-            db, policy, "bench", TrainerOptions(batch_events=2000, commit_grace_seconds=0),
-            clock=lambda: 10_000_000.0,
-        )  # fmt: skip
-        start = time.perf_counter()
-        learned = 0
-        while True:
-            result = trainer.step()
-            learned += result.learned
-            print(f"  learned {learned}/{args.events}", flush=True)
-            if not result.more:
-                break
-        end_to_end = learned / (time.perf_counter() - start)
+        results: dict[str, list[Timed]] = {"floor": [], "learn_slot": [], "trainer": []}
+        models: dict[str, bytes] = {}
+        for round_ in range(1, args.rounds + 1):
+            floor = VWLearner(policy.vw_args)
+            results["floor"].append(timed(lambda f=floor: [f.learn_text(t) for t in texts]))
+            public = VWLearner(policy.vw_args)
+            results["learn_slot"].append(timed(lambda p=public: [p.learn_slot(*s) for s in slots]))
+            models["learn_slot"] = public.to_bytes()
+            with Session(db) as session, session.begin():
+                session.execute(delete(ModelCheckpointRow))
+            trainer = PolicyTrainer(
+                db, policy, "bench", TrainerOptions(batch_events=2000, commit_grace_seconds=0),
+                clock=lambda: 10_000_000.0,
+            )  # fmt: skip
+            results["trainer"].append(timed(lambda t=trainer: _drain(t)))
+            assert trainer.learned_events == len(slots), (trainer.learned_events, len(slots))
+            assert trainer.learner is not None
+            models["trainer"] = trainer.learner.to_bytes()
+            print(f"  round {round_}/{args.rounds} done", flush=True)
         db.dispose()
 
-    print(f"VW learn only (text examples):      {vw_only:8.0f} events/s")
-    print(f"trainer, store -> learn -> checkpoint: {end_to_end:8.0f} events/s")
+    n = len(slots)
+    print(f"\n{n} learned events ({args.candidates} candidates, median of {args.rounds} rounds)")
+    print(f"{'path':46s} {'events/s (wall)':>16s} {'events/CPU-s':>13s}")
+    labels = {
+        "floor": "VW floor: parse + learn, text pre-rendered",
+        "learn_slot": "VW via learn_slot (render + parse + learn)",
+        "trainer": "trainer: store -> rewards -> learn -> ckpt",
+    }
+    medians = {}
+    for key, label in labels.items():
+        wall = statistics.median(n / w for w, _c in results[key])
+        cpu = statistics.median(n / c for _w, c in results[key])
+        medians[key] = (wall, cpu)
+        print(f"{label:46s} {wall:16,.0f} {cpu:13,.0f}")
+    print(
+        f"trainer / floor: {medians['trainer'][0] / medians['floor'][0]:.2f} (wall), "
+        f"{medians['trainer'][1] / medians['floor'][1]:.2f} (CPU)"
+    )
+    print(f"trainer model == learn_slot model: {models['trainer'] == models['learn_slot']}")
+
+
+def _text(
+    context_: Any, slot: int, features: Any, eligible: list[Candidate], chosen: int,
+    probability: float, reward: float,
+) -> str:  # fmt: skip
+    lines = [vw_text.shared_line(context_, slot, features)]
+    lines += [vw_text.action_line(c.id, c.features) for c in eligible]
+    lines[1 + chosen] = f"0:{cost_from_reward(reward)!r}:{probability!r}{lines[1 + chosen]}"
+    return "\n".join(lines)
+
+
+def _drain(trainer: PolicyTrainer) -> None:
+    while trainer.step().more:
+        pass
 
 
 if __name__ == "__main__":

@@ -109,7 +109,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(status, exc.code, exc.message, exc.field)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _on_http(_request: Request, exc: StarletteHTTPException) -> Response:
+    async def _on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        if request.url.path.startswith("/personalizer/"):
+            # Routing failures (e.g. 405 for an unknown method on a facade path) happen
+            # before the facade's routes: answer them in Personalizer's shape too.
+            from bandit_service.api.personalizer.errors import translate
+
+            return translate(exc, "BadRequest")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
 
@@ -165,10 +171,13 @@ class BodySizeLimit:
             await self._too_large(scope, receive, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(
-            413, "payload_too_large",
-            f"request body exceeds {self.max_bytes} bytes (BANDIT_MAX_BODY_BYTES)", "body",
-        )  # fmt: skip
+        message = f"request body exceeds {self.max_bytes} bytes (BANDIT_MAX_BODY_BYTES)"
+        if str(scope.get("path", "")).startswith("/personalizer/"):
+            from bandit_service.api.personalizer.errors import error_body
+
+            response = error_body(413, "PayloadSizeExceeded", message, "body")
+        else:
+            response = error_response(413, "payload_too_large", message, "body")
         await response(scope, receive, send)
 
 

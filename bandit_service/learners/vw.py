@@ -93,8 +93,12 @@ class VWLearner:
                 _pylibvw.vw._finish_example_multi_ex(self._ws, examples)
 
     def learn_lines(self, lines: list[str]) -> None:
+        self.learn_text("\n".join(lines))
+
+    def learn_text(self, text: str) -> None:
+        """Learn one multi-line example given as text (shared line first, no blank lines)."""
         with self._lock:
-            examples = self._ws._parse("\n".join(lines))
+            examples = self._ws._parse(text)
             try:
                 _pylibvw.vw.learn_multi(self._ws, examples)
             finally:
@@ -110,11 +114,20 @@ class VWLearner:
         probability: float,
         reward: float,
     ) -> None:
-        """Learn one slot's outcome: ``candidates`` are those that were eligible for it."""
-        lines = [vw_text.shared_line(context, slot_index, slot_features)]
-        lines.extend(self.lines.line(c.id, c.features) for c in candidates)
+        """Learn one slot's outcome: ``candidates`` are those that were eligible for it.
+
+        Given :class:`vw_text.EligibleCandidates` (the trainer), their pre-rendered lines are
+        reused: the text VW parses is the same either way, so is the model.
+        """
+        shared = vw_text.shared_line(context, slot_index, slot_features)
         # The label goes in front of the chosen candidate's line: "0:cost:probability |…".
-        lines[1 + chosen] = f"0:{cost_from_reward(reward)!r}:{probability!r}{lines[1 + chosen]}"
+        label = f"0:{cost_from_reward(reward)!r}:{probability!r}"
+        if isinstance(candidates, vw_text.EligibleCandidates):
+            self.learn_text(f"{shared}\n{candidates.labelled(chosen, label)}")
+            return
+        lines = [shared]
+        lines.extend(self.lines.line(c.id, c.features) for c in candidates)
+        lines[1 + chosen] = label + lines[1 + chosen]
         self.learn_lines(lines)
 
     def to_bytes(self) -> bytes:

@@ -36,7 +36,7 @@ from bandit_service.service import decision_row
 from bandit_service.simulation.metrics import WindowAggregator
 from bandit_service.simulation.outcomes import ShownSlot, outcome
 from bandit_service.simulation.scenarios import Objective, World
-from bandit_service.training import learning_examples
+from bandit_service.training import eligible_from_pmf, learning_examples
 
 SECONDS_PER_STEP = 1.0
 POPULARITY_MEMORY = 5000  # closed events kept for the holdout's popularity ranking
@@ -88,7 +88,7 @@ def run_inprocess(
         while pending and readiness(pending[0][0], policy, now, 0.0) == "learn":
             row, by_id = pending.popleft()
             if row["arm"] == "bandit":
-                for example in learning_examples(row, policy, by_id):
+                for example in learning_examples(row, policy, eligible_from_pmf(by_id)):
                     learner.learn_slot(*example)
                 learner.model_version += 1  # in-process, the "model version" counts events learned
             closed.append(row)

@@ -34,8 +34,10 @@ class DecisionRow(Base):
     """One logged decision with everything needed to replay and evaluate it.
 
     ``position`` is the log position (monotonic per store) that the trainer checkpoints.
+    ``candidate_set`` names the request's candidates, stored once in ``candidate_sets``.
     ``slots`` holds, per slot: slot index and id, slot features, chosen id, its probability,
-    the full distribution it was drawn from, and the explored flag.
+    the full distribution it was drawn from (positionally, see ``store/compact.py``), and
+    the explored flag.
     """
 
     __tablename__ = "decisions"
@@ -48,7 +50,11 @@ class DecisionRow(Base):
     arm: Mapped[str] = mapped_column(String(16), nullable=False)
     user_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
     context: Mapped[Any] = mapped_column(Json, nullable=False)
-    candidates: Mapped[Any] = mapped_column(Json, nullable=False)
+    candidate_set: Mapped[str] = mapped_column(
+        String(32),
+        ForeignKey("candidate_sets.key", name="fk_decisions_candidate_set"),
+        nullable=False,
+    )
     slots: Mapped[Any] = mapped_column(Json, nullable=False)
     excluded: Mapped[Any] = mapped_column(Json, nullable=False)
     created_at: Mapped[float] = mapped_column(Float, nullable=False)
@@ -59,7 +65,21 @@ class DecisionRow(Base):
         Index("ix_decisions_policy_created", "policy", "created_at"),
         Index("ix_decisions_policy_position", "policy", "position"),
         Index("ix_decisions_user_key", "user_key"),  # delete-user (migration 0005_privacy)
+        Index("ix_decisions_candidate_set", "candidate_set"),  # orphaned sets (0005_privacy)
     )
+
+
+class CandidateSetRow(Base):
+    """A request's candidates (JSON text), stored once and keyed by the hash of that text.
+
+    Text rather than JSON: the key is the hash of exactly these bytes, and the trainer
+    decodes each distinct set once, by key, however many decisions reference it.
+    """
+
+    __tablename__ = "candidate_sets"
+
+    key: Mapped[str] = mapped_column(String(32), primary_key=True)
+    candidates: Mapped[str] = mapped_column(Text, nullable=False)
 
 
 class RewardRow(Base):

@@ -14,7 +14,13 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from bandit_service.store.models import DecisionRow, ModelCheckpointRow, RewardRow, UserOptOutRow
+from bandit_service.store.models import (
+    CandidateSetRow,
+    DecisionRow,
+    ModelCheckpointRow,
+    RewardRow,
+    UserOptOutRow,
+)
 
 
 def _deleted(session: Session, statement: Delete) -> int:
@@ -22,14 +28,37 @@ def _deleted(session: Session, statement: Delete) -> int:
     return int(cast(CursorResult[Any], result).rowcount)
 
 
+def _drop_orphaned_sets(session: Session, keys: Iterable[str]) -> int:
+    """Delete the candidate sets among ``keys`` that no decision references any more (a
+    set is shared by every decision made over the same candidates). A decision written
+    concurrently over a set deleted here fails its foreign key and is retried by the batch
+    writer, which writes the set again."""
+    wanted = sorted(set(keys))
+    removed = 0
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        referenced = select(DecisionRow.candidate_set).where(DecisionRow.candidate_set.in_(chunk))
+        removed += _deleted(
+            session,
+            delete(CandidateSetRow).where(
+                CandidateSetRow.key.in_(chunk), CandidateSetRow.key.not_in(referenced)
+            ),
+        )
+    return removed
+
+
 def delete_user(session: Session, user_key: str, *, keep_opt_out: bool) -> dict[str, int]:
     """Remove every row of one user (by keyed hash); returns rows removed per table."""
     of_user = select(DecisionRow.event_id).where(DecisionRow.user_key == user_key)
+    sets = session.scalars(
+        select(DecisionRow.candidate_set).where(DecisionRow.user_key == user_key).distinct()
+    ).all()
     counts = {
         "rewards": _deleted(session, delete(RewardRow).where(RewardRow.event_id.in_(of_user))),
         "decisions": _deleted(session, delete(DecisionRow).where(DecisionRow.user_key == user_key)),
         "user_opt_outs": 0,
     }
+    counts["candidate_sets"] = _drop_orphaned_sets(session, sets)
     if not keep_opt_out:
         counts["user_opt_outs"] = _deleted(
             session, delete(UserOptOutRow).where(UserOptOutRow.user_key == user_key)
@@ -41,7 +70,7 @@ def expire_batch(session: Session, policy: str, cutoff: float, limit: int) -> tu
     """Remove up to ``limit`` of a policy's oldest decisions created before ``cutoff``, with
     their rewards; returns (decisions, rewards) removed. Uses ``ix_decisions_policy_created``."""
     rows = session.execute(
-        select(DecisionRow.position, DecisionRow.event_id)
+        select(DecisionRow.position, DecisionRow.event_id, DecisionRow.candidate_set)
         .where(DecisionRow.policy == policy, DecisionRow.created_at < cutoff)
         .order_by(DecisionRow.created_at)
         .limit(limit)
@@ -53,6 +82,7 @@ def expire_batch(session: Session, policy: str, cutoff: float, limit: int) -> tu
     decisions = _deleted(
         session, delete(DecisionRow).where(DecisionRow.position.in_([r.position for r in rows]))
     )
+    _drop_orphaned_sets(session, (r.candidate_set for r in rows))
     return decisions, rewards
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
 
+import orjson
 from sqlalchemy import (
     CursorResult,
     Text,
@@ -22,7 +23,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from bandit_service.store import compact
 from bandit_service.store.models import (
+    CandidateSetRow,
     DecisionRow,
     MetaRow,
     ModelCheckpointRow,
@@ -38,24 +41,65 @@ def find_decisions(session: Session, event_ids: Iterable[str]) -> dict[str, dict
     ids = list(event_ids)
     if not ids:
         return {}
-    rows = session.execute(select(DecisionRow).where(DecisionRow.event_id.in_(ids))).scalars()
-    return {row.event_id: decision_as_dict(row) for row in rows}
+    rows = session.execute(_DECISIONS.where(DecisionRow.event_id.in_(ids)))
+    return {d["event_id"]: d for d in _classic(session, [dict(r._mapping) for r in rows])}
 
 
-def decision_as_dict(row: DecisionRow) -> dict[str, Any]:
-    return {name: getattr(row, name) for name in ["position", *DECISION_COLUMNS]}
+_DECISIONS = select(*[DecisionRow.__table__.c[name] for name in ["position", *DECISION_COLUMNS]])
 
 
 def get_decision(session: Session, event_id: str) -> dict[str, Any] | None:
-    row = session.execute(
-        select(DecisionRow).where(DecisionRow.event_id == event_id)
-    ).scalar_one_or_none()
-    return decision_as_dict(row) if row is not None else None
+    return find_decisions(session, [event_id]).get(event_id)
+
+
+def _classic(session: Session, decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stored decisions in the shape they were written in: ``candidates`` as a list of
+    ``{"id", "features"}`` and each slot's ``pmf`` as ``[[id, p], …]`` (store/compact.py)."""
+    sets = {
+        key: orjson.loads(text)
+        for key, text in candidate_set_texts(session, {d["candidate_set"] for d in decisions})
+    }
+    ids = {key: [c["id"] for c in candidates] for key, candidates in sets.items()}
+    for d in decisions:
+        d["candidates"] = sets[d["candidate_set"]]
+        d["slots"] = compact.expand_slots(d["slots"], ids[d["candidate_set"]])
+    return decisions
+
+
+def candidate_set_texts(session: Session, keys: Iterable[str]) -> list[tuple[str, str]]:
+    """``(key, candidates JSON text)`` of the given candidate sets."""
+    wanted = list(keys)
+    found: list[tuple[str, str]] = []
+    for start in range(0, len(wanted), 500):  # bounded IN lists
+        query = select(CandidateSetRow.key, CandidateSetRow.candidates).where(
+            CandidateSetRow.key.in_(wanted[start : start + 500])
+        )
+        found.extend((key, text) for key, text in session.execute(query))
+    return found
 
 
 def insert_decisions(session: Session, rows: Sequence[dict[str, Any]]) -> None:
-    if rows:
-        session.execute(insert(DecisionRow), list(rows))
+    """Append decisions given in their written shape (``candidates`` a list, slots with
+    ``pmf``), storing each distinct candidate set once and distributions compactly."""
+    if not rows:
+        return
+    sets: dict[str, str] = {}
+    stored: list[dict[str, Any]] = []
+    for row in rows:
+        candidates = row["candidates"]
+        key, text = compact.candidate_set(candidates)
+        sets[key] = text
+        out = {k: v for k, v in row.items() if k != "candidates"}
+        out["candidate_set"] = key
+        out["slots"] = compact.compact_slots(row["slots"], [c["id"] for c in candidates])
+        stored.append(out)
+    dialect = session.get_bind().dialect.name
+    statement = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(CandidateSetRow)
+    session.execute(
+        statement.on_conflict_do_nothing(index_elements=["key"]),
+        [{"key": key, "candidates": text} for key, text in sorted(sets.items())],
+    )
+    session.execute(insert(DecisionRow), stored)
 
 
 def insert_rewards(session: Session, rows: Sequence[dict[str, Any]]) -> None:
@@ -152,43 +196,94 @@ def decisions_after(
     limit: int,
     since: float | None = None,
     until: float | None = None,
-    candidates_as_text: bool = False,
 ) -> list[dict[str, Any]]:
     """The next ``limit`` decisions of a policy after a log position, each with its rewards
-    (optionally only those created in ``[since, until)``).
-
-    ``candidates_as_text`` returns the candidates column undecoded, as ``candidates_text``:
-    the trainer decodes each distinct candidate set once (catalogues repeat from request
-    to request) instead of once per event, which was its largest cost."""
-    columns: list[Any] = [DecisionRow.__table__.c[name] for name in ["position", *DECISION_COLUMNS]]
-    if candidates_as_text:
-        columns = [c for c in columns if c.name != "candidates"]
-        columns.append(cast_(DecisionRow.candidates, Text).label("candidates_text"))
-    query = select(*columns).where(DecisionRow.policy == policy, DecisionRow.position > position)
+    (optionally only those created in ``[since, until)``), in their written shape."""
+    query = _DECISIONS.where(DecisionRow.policy == policy, DecisionRow.position > position)
     if since is not None:
         query = query.where(DecisionRow.created_at >= since)
     if until is not None:
         query = query.where(DecisionRow.created_at < until)
     rows = session.execute(query.order_by(DecisionRow.position).limit(limit))
-    decisions = [dict(row._mapping) for row in rows]
+    decisions = _classic(session, [dict(row._mapping) for row in rows])
+    _attach_rewards(session, decisions)
+    return decisions
+
+
+_d = DecisionRow.__table__.c
+# JSON columns as text, decoded by orjson here: SQLAlchemy's per-row result processing
+# cost the trainer more than the decoding itself. (On PostgreSQL, jsonb::text.)
+_TRAINING = select(
+    _d.position, _d.event_id, _d.arm, cast_(_d.context, Text), _d.candidate_set,
+    cast_(_d.slots, Text), _d.created_at, _d.deferred, _d.activated_at, _d.user_key,
+)  # fmt: skip
+
+
+def training_batch(
+    session: Session, policy: str, position: int, limit: int
+) -> list[dict[str, Any]]:
+    """What the trainer needs of the next ``limit`` decisions after ``position``, with their
+    rewards: slots as stored (compact) and the candidate set by key only; the trainer
+    fetches and decodes each distinct set once (:func:`candidate_set_texts`)."""
+    query = _TRAINING.where(_d.policy == policy, _d.position > position)
+    loads = orjson.loads
+    decisions = [
+        {
+            "position": row[0],
+            "event_id": row[1],
+            "arm": row[2],
+            "context": loads(row[3]),
+            "candidate_set": row[4],
+            "slots": loads(row[5]),
+            "created_at": row[6],
+            "deferred": bool(row[7]),
+            "activated_at": row[8],
+            "user_key": row[9],  # opted-out users are not learned from
+        }
+        for row in session.execute(query.order_by(_d.position).limit(limit))
+    ]
+    if not decisions:
+        return decisions
+    # The batch is every decision of the policy in (position, last]: join on that range
+    # rather than sending a 2,000-id IN list.
     by_event = {d["event_id"]: d for d in decisions}
     for d in decisions:
         d["rewards"] = []
-    if by_event:
-        rewards = session.execute(
-            select(RewardRow).where(RewardRow.event_id.in_(list(by_event))).order_by(RewardRow.id)
-        ).scalars()
-        for r in rewards:
-            by_event[r.event_id]["rewards"].append(
-                {
-                    "slot": r.slot,
-                    "value": r.value,
-                    "late": r.late,
-                    "kind": r.kind,
-                    "received_at": r.received_at,
-                }
-            )
+    r = RewardRow.__table__.c
+    rewards = (
+        select(r.event_id, r.slot, r.value, r.late, r.kind, r.received_at)
+        .join(DecisionRow.__table__, _d.event_id == r.event_id)
+        .where(
+            _d.policy == policy,
+            _d.position > position,
+            _d.position <= decisions[-1]["position"],
+        )
+        .order_by(r.id)
+    )
+    for event_id, slot, value, late, kind, received_at in session.execute(rewards):
+        by_event[event_id]["rewards"].append(
+            {"slot": slot, "value": value, "late": late, "kind": kind, "received_at": received_at}
+        )
     return decisions
+
+
+def _attach_rewards(session: Session, decisions: list[dict[str, Any]]) -> None:
+    """Each decision's rewards in arrival order (plain columns: ORM objects cost ~10x)."""
+    by_event = {d["event_id"]: d for d in decisions}
+    for d in decisions:
+        d["rewards"] = []
+    if not by_event:
+        return
+    r = RewardRow.__table__.c
+    query = (
+        select(r.event_id, r.slot, r.value, r.late, r.kind, r.received_at)
+        .where(r.event_id.in_(list(by_event)))
+        .order_by(r.id)
+    )
+    for event_id, slot, value, late, kind, received_at in session.execute(query):
+        by_event[event_id]["rewards"].append(
+            {"slot": slot, "value": value, "late": late, "kind": kind, "received_at": received_at}
+        )
 
 
 CHECKPOINT_SUMMARY = [
@@ -327,6 +422,8 @@ def oldest_pending_created_at(session: Session, policy: str, position: int) -> f
 
 
 def recent_slots(session: Session, policy: str, limit: int) -> list[list[dict[str, Any]]]:
+    """The newest decisions' slots as stored: ``id``, ``model_id``, ``probability`` etc.
+    are there as written; the distribution may be in compact form (store/compact.py)."""
     return list(
         session.scalars(
             select(DecisionRow.slots)

@@ -218,3 +218,14 @@ def test_apprentice_mode_shows_personalizer_baselines(client: TestClient) -> Non
                                             {"id": "s2", "baselineAction": "a"}]},
     )  # fmt: skip
     assert [s["rewardActionId"] for s in multi.json()["slots"]] == ["c", "a"]
+
+
+def test_routing_and_size_refusals_are_personalizer_shaped(client: TestClient) -> None:
+    """Refusals made before the facade's routes run (size limit, unknown method) too."""
+    huge = {"actions": [{"id": f"a{i}", "features": [{"x": "y" * 1000}]} for i in range(80)]}
+    too_large = client.post("/personalizer/v1.0/rank", json=huge)
+    assert error_of(too_large, 413)["code"] == "PayloadSizeExceeded"
+    wrong_method = client.request("QUERY", "/personalizer/v1.0/rank")
+    assert error_of(wrong_method, 405)["code"] == "BadRequest"
+    native = client.request("QUERY", "/v1/decisions")
+    assert native.status_code == 405 and native.json()["error"]["code"] == "method_not_allowed"

@@ -140,6 +140,9 @@ def test_access_log_never_shows_user_ids() -> None:
 # -- delete-user ------------------------------------------------------------------------------
 def test_delete_user_leaves_nothing_of_them(client: TestClient, db: Engine) -> None:
     mine = traffic(client, RAW_USER, 4, policy="learn") + traffic(client, RAW_USER, 2, slots=2)
+    # Candidate sets are stored once and shared; one only this user was shown goes too.
+    own_set = [*CANDIDATES, {"id": "shown-only-to-them"}]
+    mine.append(decide(client, user_id=RAW_USER, candidates=own_set)["event_id"])
     others = traffic(client, OTHER_USER, 3, policy="learn")
     client.put(f"/v1/users/{RAW_USER}/opt-out")
     client.put(f"/v1/users/{OTHER_USER}/opt-out")
@@ -149,10 +152,12 @@ def test_delete_user_leaves_nothing_of_them(client: TestClient, db: Engine) -> N
     response = client.delete(f"/v1/users/{RAW_USER}")
     assert response.status_code == 200, response.text
     removed = response.json()["removed"]
-    assert removed == {"decisions": 6, "rewards": 6, "user_opt_outs": 1}
+    assert removed == {"decisions": 7, "rewards": 6, "user_opt_outs": 1, "candidate_sets": 1}
     after = {name: len(rows) for name, rows in all_rows(db).items()}
-    assert before["decisions"] - after["decisions"] == 6
+    assert before["decisions"] - after["decisions"] == 7
     assert before["rewards"] - after["rewards"] == 6
+    assert before["candidate_sets"] - after["candidate_sets"] == 1
+    assert "shown-only-to-them" not in store_text(db)
     assert user_key not in store_text(db)  # not one row of any table mentions the user
     for event_id in mine:
         assert client.get(f"/v1/decisions/{event_id}").status_code == 404
@@ -169,7 +174,7 @@ def test_delete_user_can_keep_the_opt_out(client: TestClient) -> None:
     traffic(client, RAW_USER, 2)
     client.put(f"/v1/users/{RAW_USER}/opt-out")
     removed = client.delete(f"/v1/users/{RAW_USER}?keep_opt_out=true").json()["removed"]
-    assert removed == {"decisions": 2, "rewards": 2, "user_opt_outs": 0}
+    assert removed == {"decisions": 2, "rewards": 2, "user_opt_outs": 0, "candidate_sets": 1}
     assert decide(client, user_id=RAW_USER)["arm"] == "opted_out"
 
 

@@ -20,7 +20,12 @@ from bandit_service.service import DecisionService
 from bandit_service.store import privacy as privacy_store
 from bandit_service.store import repository
 from bandit_service.store.database import make_engine
-from bandit_service.store.models import DecisionRow, ModelCheckpointRow, RewardRow
+from bandit_service.store.models import (
+    CandidateSetRow,
+    DecisionRow,
+    ModelCheckpointRow,
+    RewardRow,
+)
 
 DAY = 86400.0
 NOW = 1_800_000_000.0
@@ -29,7 +34,8 @@ NOW = 1_800_000_000.0
 def decision(event_id: str, policy: str, created_at: float) -> dict[str, Any]:
     return {
         "event_id": event_id, "policy": policy, "policy_version": "v", "model_version": 0,
-        "arm": "bandit", "user_key": "k", "context": {}, "candidates": [{"id": "a"}],
+        "arm": "bandit", "user_key": "k", "context": {},
+        "candidates": [{"id": "a"}, {"id": f"only-{event_id}"}],  # a candidate set of its own
         "slots": [{"slot": 0, "id": "a", "probability": 1.0, "pmf": [["a", 1.0]]}],
         "excluded": [], "created_at": created_at, "deferred": False, "activated_at": None,
     }  # fmt: skip
@@ -87,7 +93,10 @@ def test_retention_removes_exactly_the_expired_rows(db: Engine) -> None:
         kept = set(session.scalars(select(DecisionRow.event_id)))
         kept_rewards = set(session.scalars(select(RewardRow.event_id)))
         checkpoints = session.scalars(select(ModelCheckpointRow.policy)).all()
+        sets = session.scalars(select(CandidateSetRow.candidates)).all()
     assert kept == expected
+    # Candidate sets no decision references any more go too (each decision had its own).
+    assert sorted(s.split('"only-')[1].split('"')[0] for s in sets) == sorted(expected)
     assert kept_rewards == expected  # no reward outlives its decision
     assert checkpoints == ["short"]  # models trained on removed rows stay
 

@@ -346,14 +346,17 @@ def test_an_unreplayable_row_is_skipped_not_stalling(
 ) -> None:
     policy = write_policy(policies_dir, "bad", "reward_window_seconds = 1\n")
     rows = log_decisions(settings, "bad", 5)
-    sql(settings, "UPDATE decisions SET candidates = '[]' WHERE event_id = :e",
+    # Row 2 names a candidate set without the candidates its slot was drawn over; row 3's
+    # slot has no distribution at all. Neither can be replayed; both are skipped.
+    sql(settings, "INSERT INTO candidate_sets (key, candidates) VALUES ('empty', '[]')")
+    sql(settings, "UPDATE decisions SET candidate_set = 'empty' WHERE event_id = :e",
         e=rows[2]["event_id"])  # fmt: skip
     sql(settings, "UPDATE decisions SET slots = '[{\"slot\": 0}]' WHERE event_id = :e",
         e=rows[3]["event_id"])  # fmt: skip
     t = trainer(settings, policy, time.time() + 10)
     result = t.step()
-    assert (result.learned, result.skipped) == (4, 1)
-    assert [x["n"] for x in t.learner.learned] == [0, 1, 2, 4]  # type: ignore[union-attr]
+    assert (result.learned, result.skipped) == (3, 2)
+    assert [x["n"] for x in t.learner.learned] == [0, 1, 4]  # type: ignore[union-attr]
 
 
 def test_logging_only_never_changes_the_model(settings: Settings, policies_dir: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import vowpalwabbit
 
@@ -126,3 +128,43 @@ def test_direct_pylibvw_calls_match_the_public_api() -> None:
     assert max(fast.predict_lines(final)) > 0.5  # it did learn something
     public.finish()
     fast.close()
+
+
+def _uncached(features: dict[str, Any], namespace: str) -> str:
+    """The renderer's definition, feature by feature, without any cache."""
+    flat: list[str] = []
+    nested = []
+    for name, value in features.items():
+        if isinstance(value, dict):
+            tokens: list[str] = []
+            for inner, inner_value in value.items():
+                vw_text._render_feature(inner, inner_value, tokens)
+            nested.append(f" |{name} {' '.join(tokens)}")
+        else:
+            vw_text._render_feature(name, value, flat)
+    return (f" |{namespace} {' '.join(flat)}" if flat else "") + "".join(nested)
+
+
+def test_cached_rendering_equals_the_definition() -> None:
+    """The token caches must never change the text: equal keys that render differently
+    (0.0 / -0.0), values of several types under one name, names and values needing escapes,
+    and second (cached) renderings."""
+    cases: list[dict[str, Any]] = [
+        {"x": 0.0, "y": "a b", "é:=": "ü|x", "n": 3, "t": True},
+        {"x": -0.0, "y": "a b", "é:=": "v", "n": 3.0, "t": 1},
+        {"x": 1, "y": ["p", "q r"], "n": False, "u": {"age": 0.1, "x": -2.5e-7}},
+        {"x": "1", "y": "", "n": 1e300, "u": {"age": "0.1", "x": 0}},
+    ]
+    for _round in range(2):
+        for features in cases:
+            assert vw_text.render_namespaces(features, "context") == _uncached(features, "context")
+
+
+def test_eligible_candidates_splice_the_label_like_a_join() -> None:
+    candidates = [Candidate(f"c{i}", {"f": i, "g": "x y"}) for i in range(4)]
+    eligible = vw_text.EligibleCandidates(candidates)
+    assert list(eligible) == candidates and eligible.position["c2"] == 2
+    for chosen in range(4):
+        lines = [vw_text.action_line(c.id, c.features) for c in candidates]
+        lines[chosen] = "0:-1.0:0.25" + lines[chosen]
+        assert eligible.labelled(chosen, "0:-1.0:0.25") == "\n".join(lines)

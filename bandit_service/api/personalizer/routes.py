@@ -26,6 +26,7 @@ from bandit_service.api.personalizer.errors import PersonalizerError, Personaliz
 from bandit_service.api.personalizer.schemas import (
     MultiSlotRankRequest,
     MultiSlotRewardRequest,
+    PersonalizerErrorOut,
     PolicyContract,
     RankableAction,
     RankRequest,
@@ -279,6 +280,29 @@ _OPERATIONS: list[tuple[str, str, Any, int, str, bool, Scope]] = [
 ]  # fmt: skip
 
 
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": PersonalizerErrorOut, "description": description}
+    for status, description in [
+        (400, "Invalid request (the message names the field)"),
+        (401, "No valid API key (Ocp-Apim-Subscription-Key)"),
+        (403, "The key's scopes or policies do not allow this"),
+        (404, "Unknown event or operation"),
+        (413, "Request body too large"),
+        (429, "The key's request rate is exceeded (Retry-After)"),
+    ]
+}
+
+
+def document(openapi: dict[str, Any]) -> dict[str, Any]:
+    """The facade answers invalid input with 400, never FastAPI's 422: drop that from its
+    operations in the app's OpenAPI document (``openapi`` is changed and returned)."""
+    for path, operations in openapi.get("paths", {}).items():
+        if path.startswith("/personalizer"):
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+    return openapi
+
+
 def _add(router: APIRouter, prefix: str, tag: str, versioned_by_query: bool) -> None:
     for path, method, handler, status, invalid, multislot, scope in _OPERATIONS:
         if multislot and prefix.endswith("/v1.0"):
@@ -297,6 +321,7 @@ def _add(router: APIRouter, prefix: str, tag: str, versioned_by_query: bool) -> 
             + ([Depends(require_api_version)] if versioned_by_query else []),
             openapi_extra={"x-invalid-code": invalid},
             response_class=Response,
+            responses=_ERRORS,
         )
 
 

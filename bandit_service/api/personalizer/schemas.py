@@ -65,3 +65,15 @@ class MultiSlotRewardRequest(Lenient):
 class PolicyContract(Lenient):
     name: Annotated[StrictStr, Field(max_length=256)] | None = None
     arguments: Annotated[StrictStr, Field(min_length=1, max_length=1024)]
+
+
+class PersonalizerErrorDetail(BaseModel):
+    code: str
+    message: str
+    target: str | None = None
+
+
+class PersonalizerErrorOut(BaseModel):
+    """Personalizer's error body (also in the ``x-ms-error-code`` header)."""
+
+    error: PersonalizerErrorDetail
