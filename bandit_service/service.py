@@ -213,6 +213,10 @@ class DecisionService:
         with Session(self.db) as session:
             return repository.get_decision(session, event_id)
 
+    def _find_for_reward(self, event_id: str) -> dict[str, Any] | None:
+        with Session(self.db) as session:
+            return repository.decision_for_reward(session, event_id)
+
     def _check_limits(self, request: DecisionRequest) -> None:
         s = self.settings
         if len(request.candidates) > s.max_candidates:
@@ -250,7 +254,7 @@ class DecisionService:
     ) -> dict[str, Any]:
         """Store a reward. The primary kind must lie within the policy's bounds and is what
         the trainer learns; other kinds (e.g. ``satisfaction``) are stored for reports."""
-        row = await asyncio.to_thread(self._find, event_id)
+        row = await asyncio.to_thread(self._find_for_reward, event_id)
         if row is None:
             raise NotFound(f"no decision with event id {event_id!r}", "event_id")
         policy = self.policies.get(row["policy"])

@@ -53,6 +53,21 @@ def get_decision(session: Session, event_id: str) -> dict[str, Any] | None:
     return decision_as_dict(row) if row is not None else None
 
 
+REWARD_LOOKUP_COLUMNS = ["event_id", "policy", "slots", "deferred", "created_at", "activated_at"]
+
+
+def decision_for_reward(session: Session, event_id: str) -> dict[str, Any] | None:
+    """The columns a reward needs (policy, what was shown, when): not the candidates and
+    context, whose decoding was most of a reward's cost (a 50-candidate row is ~30 KB)."""
+    table = DecisionRow.__table__
+    row = session.execute(
+        select(*[table.c[name] for name in REWARD_LOOKUP_COLUMNS]).where(
+            table.c.event_id == event_id
+        )
+    ).one_or_none()
+    return dict(row._mapping) if row is not None else None
+
+
 def insert_decisions(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     if rows:
         session.execute(insert(DecisionRow), list(rows))

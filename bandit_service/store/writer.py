@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sqlalchemy import Engine
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from bandit_service.errors import Unavailable
@@ -123,9 +124,30 @@ class BatchWriter:
         is answered 503 (retry), never a 500 and never a 2xx."""
         try:
             return self._commit_once(batch)
-        except Exception:
+        except Exception as exc:
+            if store_unreachable(exc):
+                return self._commit_when_reachable(batch, exc)
             log.warning("batch of %d failed; retrying each write alone", len(batch), exc_info=True)
         return [self._commit_alone(write) for write in batch]
+
+    def _commit_when_reachable(self, batch: list[_Write], error: Exception) -> list[Any]:
+        """The store did not answer (restart, failover, dropped connection). Retrying each
+        write alone would cost two more failed connections per write and stall the queue for
+        the whole outage, so the batch is retried once, whole, on a fresh connection (this
+        covers a pooled connection that died with the old server); if that fails too, every
+        write is answered 503 at once."""
+        log.warning("store unreachable (%s); retrying the batch of %d once",
+                    str(error).splitlines()[0], len(batch))  # fmt: skip
+        try:
+            return self._commit_once(batch)
+        except Exception as exc:
+            if not store_unreachable(exc):
+                return [self._commit_alone(write) for write in batch]
+            log.warning("store still unreachable; answering %d writes 503", len(batch))
+        return [
+            Unavailable(f"the store is unreachable; the {w.kind} was not stored, retry it")
+            for w in batch
+        ]
 
     def _commit_once(self, batch: list[_Write]) -> list[Any]:
         with Session(self._engine) as session, session.begin():
@@ -147,6 +169,13 @@ class BatchWriter:
                 log.warning("%s write failed (attempt %d): %s", write.kind, attempt, exc)
         log.error("could not store a %s: %s", write.kind, error)
         return Unavailable(f"could not store the {write.kind} right now; retry the request")
+
+
+def store_unreachable(exc: BaseException) -> bool:
+    """Errors that say the store could not be reached, as opposed to a bad write."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError)
 
 
 def _apply(session: Session, batch: list[_Write], late_margin: float) -> list[Any]:
