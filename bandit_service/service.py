@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from bandit_service.config import Settings
 from bandit_service.domain import Decision, DecisionRequest, SlotChoice, to_jsonable
 from bandit_service.engine import DecisionEngine
-from bandit_service.errors import InvalidRequest, NotFound, Unavailable
+from bandit_service.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from bandit_service.holdout import PopularityBoard
 from bandit_service.model_registry import ModelRegistry
 from bandit_service.policy import PolicyConfig
@@ -251,9 +251,15 @@ class DecisionService:
         slot: int | None,
         candidate_id: str | None,
         kind: str = PRIMARY,
+        reward_id: str | None = None,
     ) -> dict[str, Any]:
         """Store a reward. The primary kind must lie within the policy's bounds and is what
-        the trainer learns; other kinds (e.g. ``satisfaction``) are stored for reports."""
+        the trainer learns; other kinds (e.g. ``satisfaction``) are stored for reports.
+
+        ``reward_id`` is the client's idempotency key, scoped to the decision: a retry with
+        the same key (after a timeout or a 503 whose commit may have happened) stores
+        nothing and answers the stored reward with ``duplicate: True``; the same key with a
+        different slot, value or kind is a conflict."""
         row = await asyncio.to_thread(self._find_for_reward, event_id)
         if row is None:
             raise NotFound(f"no decision with event id {event_id!r}", "event_id")
@@ -277,7 +283,7 @@ class DecisionService:
             if start is not None and policy is not None
             else None
         )
-        late = await self.writer.write_reward(
+        result = await self.writer.write_reward(
             {
                 "event_id": event_id,
                 "slot": index,
@@ -285,17 +291,32 @@ class DecisionService:
                 "received_at": now,
                 "window_end": window_end,
                 "kind": kind,
-                "reward_id": str(uuid.uuid4()),
+                "reward_id": scoped_reward_id(event_id, reward_id)
+                if reward_id is not None
+                else str(uuid.uuid4()),
             }
         )
+        stored = result.row
+        if not result.created and (stored["slot"], stored["value"], stored["kind"]) != (
+            index,
+            value,
+            kind,
+        ):
+            raise Conflict(
+                f"reward_id {reward_id!r} was already used for slot {stored['slot']}, value "
+                f"{stored['value']}, kind {stored['kind']!r} of this decision",
+                "reward_id",
+            )
         return {
             "event_id": event_id,
-            "slot": index,
-            "id": shown[index],
-            "value": value,
-            "kind": kind,
-            "late": late,
-            "received_at": now,
+            "slot": stored["slot"],
+            "id": shown[stored["slot"]],
+            "value": stored["value"],
+            "kind": stored["kind"],
+            "late": stored["late"],
+            "received_at": stored["received_at"],
+            "reward_id": reward_id,
+            "duplicate": not result.created,
         }
 
     async def activate(self, event_id: str) -> dict[str, Any]:
@@ -432,6 +453,14 @@ class DecisionService:
             return {"log": vars(stats), "results": [r.as_dict() for r in results]}
 
         return await asyncio.to_thread(compute)
+
+
+def scoped_reward_id(event_id: str, reward_id: str) -> str:
+    """A client's idempotency key made unique per decision (so two decisions may use the
+    same key) and fitted to the 36-character column: "k" + 35 hex digits of SHA-256. Keys
+    the service makes itself are UUIDs, with hyphens, so the two never collide."""
+    digest = hashlib.sha256(f"{event_id}\x00{reward_id}".encode()).hexdigest()
+    return "k" + digest[:35]
 
 
 def _resolve_slot(shown: list[str], slot: int | None, candidate_id: str | None) -> int:

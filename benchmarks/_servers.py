@@ -134,7 +134,7 @@ def start_service(
             str(workers),
             "--log-level",
             "warning",
-        ],  # fmt: skip
+        ],
         env=env,
     )
     server = Server(name, f"http://127.0.0.1:{port}", proc, env)
@@ -162,7 +162,7 @@ def start_floor(workers: int = 2) -> Server:
             "--log-level",
             "warning",
             "--no-access-log",
-        ],  # fmt: skip
+        ],
         cwd=BENCH_DIR,
     )
     server = Server("floor", f"http://127.0.0.1:{port}", proc)

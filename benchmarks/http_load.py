@@ -126,8 +126,9 @@ def run_wrk(
         "LOAD_MAX": str(max(1, max_requests // threads)),
         "LOAD_OUT": str(out),
     }
+    seconds = f"{max(1, round(duration))}s"
     command = [
-        "wrk", f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
+        "wrk", f"-t{threads}", f"-c{concurrency}", f"-d{seconds}", "--timeout", "10s",
         "-s", str(BENCH_DIR / "http_load.lua"), url,
     ]  # fmt: skip
     subprocess.run(command, env=env, check=True, capture_output=True, text=True)
@@ -162,10 +163,8 @@ def print_table(results: list[dict[str, Any]], targets: list[str]) -> None:
                 continue
             lat = r["latency_us"]
             mark = "!" if r["failed"] else " "
-            line += (
-                f" | {r['rate']:>8.0f}{mark}     {lat['p50'] / 1000:>5.1f} {lat['p99'] / 1000:>5.1f}"
-                f" {lat['p999'] / 1000:>6.1f}"
-            )
+            p50, p99, p999 = (lat[k] / 1000 for k in ("p50", "p99", "p999"))
+            line += f" | {r['rate']:>8.0f}{mark}     {p50:>5.1f} {p99:>5.1f} {p999:>6.1f}"
             if target != "floor":
                 ratio = r["rate"] / floor_rate if floor_rate else float("nan")
                 line += f"  {ratio:>6.2f}"

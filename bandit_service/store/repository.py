@@ -73,14 +73,37 @@ def insert_decisions(session: Session, rows: Sequence[dict[str, Any]]) -> None:
         session.execute(insert(DecisionRow), list(rows))
 
 
-def insert_rewards(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+def insert_rewards(session: Session, rows: Sequence[dict[str, Any]]) -> set[str]:
     """Insert rewards; one whose ``reward_id`` is already stored is skipped, so replaying a
-    batch whose commit outcome was unknown cannot count a reward twice."""
+    batch whose commit outcome was unknown, or a client retrying with the same idempotency
+    key, cannot count a reward twice. Returns the ``reward_id`` values actually inserted."""
     if not rows:
-        return
+        return set()
     dialect = session.get_bind().dialect.name
     statement = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(RewardRow)
-    session.execute(statement.on_conflict_do_nothing(index_elements=["reward_id"]), list(rows))
+    inserted = session.execute(
+        statement.on_conflict_do_nothing(index_elements=["reward_id"]).returning(
+            RewardRow.reward_id
+        ),
+        list(rows),
+    )
+    return {row[0] for row in inserted if row[0] is not None}
+
+
+def find_rewards(session: Session, reward_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Stored rewards by ``reward_id``."""
+    ids = list(set(reward_ids))
+    if not ids:
+        return {}
+    rows = session.execute(select(RewardRow).where(RewardRow.reward_id.in_(ids))).scalars()
+    return {
+        r.reward_id: {
+            "event_id": r.event_id, "slot": r.slot, "value": r.value, "kind": r.kind,
+            "late": r.late, "received_at": r.received_at, "reward_id": r.reward_id,
+        }
+        for r in rows
+        if r.reward_id is not None
+    }  # fmt: skip
 
 
 def serialize_log_appends(session: Session) -> None:

@@ -47,6 +47,15 @@ class DecisionWriteResult:
     row: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class RewardWriteResult:
+    """``created`` is false when a reward with the same ``reward_id`` was already stored;
+    ``row`` is then the stored one (its slot, value, kind, ``late`` and ``received_at``)."""
+
+    created: bool
+    row: dict[str, Any]
+
+
 class BatchWriter:
     def __init__(self, engine: Engine, max_rows: int = 512, late_margin_seconds: float = 1.0):
         self._engine = engine
@@ -77,8 +86,8 @@ class BatchWriter:
         result: DecisionWriteResult = await self._submit("decision", row)
         return result
 
-    async def write_reward(self, row: dict[str, Any]) -> bool:
-        """Store a reward; returns whether it was stored as late.
+    async def write_reward(self, row: dict[str, Any]) -> RewardWriteResult:
+        """Store a reward, unless one with the same ``row["reward_id"]`` is stored already.
 
         ``row["window_end"]`` (or None) is when the decision's reward window closes. The
         reward is late if it was received after that, or if its commit happens so near the
@@ -86,8 +95,8 @@ class BatchWriter:
         have learned the event without it: the flag is set at commit time, so an answer
         ``late: false`` always means the reward will be learned.
         """
-        late: bool = await self._submit("reward", row)
-        return late
+        result: RewardWriteResult = await self._submit("reward", row)
+        return result
 
     async def activate(self, event_id: str, at: float) -> None:
         await self._submit("activate", {"event_id": event_id, "at": at})
@@ -184,6 +193,7 @@ def _apply(session: Session, batch: list[_Write], late_margin: float) -> list[An
     stored = repository.find_decisions(session, decision_ids)
     new_decisions: list[dict[str, Any]] = []
     rewards: list[dict[str, Any]] = []
+    reward_outcomes: list[tuple[int, dict[str, Any]]] = []
     now = time.time()
     outcomes: list[Any] = []
     for write in batch:
@@ -202,12 +212,30 @@ def _apply(session: Session, batch: list[_Write], late_margin: float) -> list[An
                 row["received_at"] > window_end or now > window_end + late_margin
             )
             rewards.append(row)
-            outcomes.append(row["late"])
+            reward_outcomes.append((len(outcomes), row))
+            outcomes.append(None)  # known once inserted
         else:
             outcomes.append(None)
     # Decisions first: rewards and activations in the same batch may refer to them.
     repository.insert_decisions(session, new_decisions)
-    repository.insert_rewards(session, rewards)
+    inserted = repository.insert_rewards(session, rewards)
+    # A reward_id that was not inserted is stored already (an earlier request, a concurrent
+    # one from another process, or an earlier write of this batch): answer with that one.
+    seen: set[str] = set()
+    repeated = []
+    for row in rewards:
+        if row["reward_id"] not in inserted or row["reward_id"] in seen:
+            repeated.append(row["reward_id"])
+        seen.add(row["reward_id"])
+    stored_rewards = repository.find_rewards(session, repeated)
+    claimed: set[str] = set()
+    for index, row in reward_outcomes:
+        key = row["reward_id"]
+        if key in inserted and key not in claimed:
+            claimed.add(key)
+            outcomes[index] = RewardWriteResult(True, row)
+        else:
+            outcomes[index] = RewardWriteResult(False, stored_rewards[key])
     for write in batch:
         if write.kind == "activate":
             repository.activate(session, write.payload["event_id"], write.payload["at"])
