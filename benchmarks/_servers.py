@@ -36,6 +36,31 @@ reward_window_seconds = 3600
 """
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (uvicorn workers, PostgreSQL backends)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+            todo += [int(c) for c in children]
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User + system CPU seconds of each live process (Linux ``/proc``)."""
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[pid] = (int(fields[11]) + int(fields[12])) / _TICK
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -203,6 +228,11 @@ class PrivatePostgres:
     @property
     def url(self) -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def postmaster_pid(self) -> int | None:
+        with contextlib.suppress(OSError, ValueError):
+            return int((self.data / "postmaster.pid").read_text().split()[0])
+        return None
 
     def _run(self, program: str, *args: str, check: bool = True) -> None:
         command = [str(PG_BIN / program), *args]

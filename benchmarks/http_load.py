@@ -49,7 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _servers import (
     BENCH_DIR,
+    PrivatePostgres,
     Server,
+    cpu_seconds,
+    descendants,
     private_postgres,
     start_floor,
     start_service,
@@ -140,6 +143,37 @@ def run_wrk(
     return result
 
 
+class CpuMeter:
+    """CPU time the server (and its private PostgreSQL) spent during one measurement.
+
+    On a shared machine throughput follows whatever CPU share the scheduler grants, but the
+    CPU spent per request does not: it is the steadier figure to compare with the floor."""
+
+    def __init__(self, server: Server, db_pid: int | None = None) -> None:
+        self.server, self.db_pid = server, db_pid
+
+    def snapshot(self) -> tuple[dict[int, float], dict[int, float]]:
+        db = cpu_seconds(descendants(self.db_pid)) if self.db_pid else {}
+        return cpu_seconds(descendants(self.server.pid)), db
+
+    @staticmethod
+    def spent(before: dict[int, float], after: dict[int, float]) -> float:
+        return sum(t - before.get(pid, 0.0) for pid, t in after.items())
+
+
+def measure(
+    meter: CpuMeter, url: str, request_file: Path, concurrency: int, duration: float,
+    max_requests: int, out: Path,
+) -> dict[str, Any]:  # fmt: skip
+    app_before, db_before = meter.snapshot()
+    result = run_wrk(url, request_file, concurrency, duration, max_requests, out)
+    app_after, db_after = meter.snapshot()
+    done = max(1, result["requests"])
+    result["app_cpu_us"] = meter.spent(app_before, app_after) / done * 1e6
+    result["db_cpu_us"] = meter.spent(db_before, db_after) / done * 1e6
+    return result
+
+
 def machine_load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
@@ -170,6 +204,28 @@ def print_table(results: list[dict[str, Any]], targets: list[str]) -> None:
                 line += f"  {ratio:>6.2f}"
         print(line)
     print("latencies in ms; '!' marks a point with failed or non-2xx responses (see the JSON)")
+    print()
+    header = f"{'CPU per request (us)':<28}{'inflight':>9}"
+    for target in targets:
+        header += f" | {target:>8} app    db"
+        if target != "floor":
+            header += "  floor/this"
+    print(header)
+    print("-" * len(header))
+    for row in results:
+        line = f"{LABELS[row['workload']]:<28}{row['concurrency']:>9}"
+        floor = row["targets"].get("floor")
+        for target in targets:
+            r = row["targets"].get(target)
+            if r is None:
+                continue
+            line += f" | {'':>8}{r['app_cpu_us']:>4.0f} {r['db_cpu_us']:>5.0f}"
+            if target != "floor" and floor:
+                total = r["app_cpu_us"] + r["db_cpu_us"]
+                line += f"  {floor['app_cpu_us'] / total:>10.2f}" if total else f"  {'-':>10}"
+        print(line)
+    print("floor/this: the floor's CPU per request over this target's (app + PostgreSQL): the")
+    print("throughput ratio to expect when CPU is the limit and the load generator is elsewhere")
 
 
 def main() -> None:
@@ -207,10 +263,17 @@ def main() -> None:
                 "sqlite", f"sqlite:///{folder}/bench.db", policies, args.workers
             )
             stack.callback(servers["sqlite"].stop)
+        pg: PrivatePostgres | None = None
         if "postgres" in args.targets:
-            pg_url = args.pg_url or stack.enter_context(private_postgres()).url
+            if not args.pg_url:
+                pg = stack.enter_context(private_postgres())
+            pg_url = args.pg_url or pg.url  # type: ignore[union-attr]
             servers["postgres"] = start_service("postgres", pg_url, policies, args.workers)
             stack.callback(servers["postgres"].stop)  # runs before the cluster is removed
+        meters = {
+            name: CpuMeter(server, pg.postmaster_pid() if pg and name == "postgres" else None)
+            for name, server in servers.items()
+        }
 
         results: list[dict[str, Any]] = []
         out = folder / "wrk.json"
@@ -236,8 +299,8 @@ def main() -> None:
                 for target, server in servers.items():
                     print(f"  {workload} x{concurrency} on {target}...", file=sys.stderr,
                           flush=True)  # fmt: skip
-                    row["targets"][target] = run_wrk(
-                        server.url, files[target], concurrency, args.duration,
+                    row["targets"][target] = measure(
+                        meters[target], server.url, files[target], concurrency, args.duration,
                         args.max_requests, out,
                     )  # fmt: skip
                 results.append(row)
