@@ -105,7 +105,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _on_service_error(_request: Request, exc: ServiceError) -> Response:
         status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 400)
-        return error_response(status, exc.code, exc.message, exc.field)
+        retry = {"Retry-After": "1"} if status == 503 else None  # nothing was stored
+        return error_response(status, exc.code, exc.message, exc.field, headers=retry)
 
     @app.exception_handler(sa_exc.OperationalError)
     @app.exception_handler(sa_exc.InterfaceError)

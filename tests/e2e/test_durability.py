@@ -226,6 +226,8 @@ def test_postgres_outage_answers_503_and_recovers_by_itself(
             for response in during:
                 assert response.status_code == 503, response.text
                 assert response.headers["content-type"] == "application/json"
+                if response.url.path != "/readyz":
+                    assert response.headers["retry-after"] == "1"
             assert during[1].json()["error"]["code"] == "store_unavailable"
 
             await proxy.restore()
