@@ -9,6 +9,7 @@ from sqlalchemy import (
     CursorResult,
     Text,
     Update,
+    bindparam,
     delete,
     func,
     insert,
@@ -54,17 +55,16 @@ def get_decision(session: Session, event_id: str) -> dict[str, Any] | None:
 
 
 REWARD_LOOKUP_COLUMNS = ["event_id", "policy", "slots", "deferred", "created_at", "activated_at"]
+# Built once: constructing a SELECT costs more Python than running this one on SQLite.
+_REWARD_LOOKUP = select(*[DecisionRow.__table__.c[name] for name in REWARD_LOOKUP_COLUMNS]).where(
+    DecisionRow.__table__.c.event_id == bindparam("event_id")
+)
 
 
 def decision_for_reward(session: Session, event_id: str) -> dict[str, Any] | None:
     """The columns a reward needs (policy, what was shown, when): not the candidates and
     context, whose decoding was most of a reward's cost (a 50-candidate row is ~30 KB)."""
-    table = DecisionRow.__table__
-    row = session.execute(
-        select(*[table.c[name] for name in REWARD_LOOKUP_COLUMNS]).where(
-            table.c.event_id == event_id
-        )
-    ).one_or_none()
+    row = session.execute(_REWARD_LOOKUP, {"event_id": event_id}).one_or_none()
     return dict(row._mapping) if row is not None else None
 
 
