@@ -10,6 +10,7 @@ import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
+from bandit_service.api.json_route import JsonModelRoute
 from bandit_service.api.schemas import (
     EVENT_ID_PATTERN,
     ActivationOut,
@@ -25,7 +26,7 @@ from bandit_service.rewards import aggregate
 from bandit_service.service import DecisionService, new_event_id
 from bandit_service.timeutil import parse_instant
 
-router = APIRouter()
+router = APIRouter(route_class=JsonModelRoute)  # bodies validated from JSON bytes
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorOut, "description": "Malformed JSON"},
