@@ -137,8 +137,12 @@ def start_service(
     workers: int = 2,
     extra_env: dict[str, str] | None = None,
     port: int | None = None,
+    source: Path | None = None,
 ) -> Server:
-    """``bandit-service serve --migrate`` (trainer off: decisions are what is measured)."""
+    """``bandit-service serve --migrate`` (trainer off: decisions are what is measured).
+
+    ``source``: serve the ``bandit_service`` package found in that folder instead (e.g. an
+    older commit exported with ``git archive``), to compare two versions in one run."""
     port = port or free_port()
     env = {
         **os.environ,
@@ -147,10 +151,13 @@ def start_service(
         "BANDIT_TRAINER": "off",
         **(extra_env or {}),
     }
-    cli = Path(sys.executable).parent / "bandit-service"
+    cli = [str(Path(sys.executable).parent / "bandit-service")]
+    if source is not None:
+        env["PYTHONPATH"] = str(source)  # found before the editable install's finder
+        cli = [sys.executable, "-m", "bandit_service.cli"]
     proc = subprocess.Popen(
         [
-            str(cli),
+            *cli,
             "serve",
             "--migrate",
             "--port",

@@ -244,6 +244,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--variants", type=int, default=64, help="distinct request bodies")
     parser.add_argument("--pg-url", help="PostgreSQL URL (default: a private throwaway cluster)")
+    parser.add_argument(
+        "--compare-src", type=Path,
+        help="also serve (on SQLite, as target 'base') the bandit_service package in this "
+        "folder, e.g. `git archive COMMIT | tar -x -C DIR`: before/after in one run",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=Path("http_load.json"))
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -263,6 +268,12 @@ def main() -> None:
                 "sqlite", f"sqlite:///{folder}/bench.db", policies, args.workers
             )
             stack.callback(servers["sqlite"].stop)
+        if args.compare_src:
+            servers["base"] = start_service(
+                "base", f"sqlite:///{folder}/base.db", policies, args.workers,
+                source=args.compare_src.resolve(),
+            )  # fmt: skip
+            stack.callback(servers["base"].stop)
         pg: PrivatePostgres | None = None
         if "postgres" in args.targets:
             if not args.pg_url:
@@ -308,7 +319,7 @@ def main() -> None:
 
     print(f"\nmachine: {load_before} before, {load_after} after; "
           f"{args.workers} uvicorn workers per target, {args.duration:g} s per point")  # fmt: skip
-    print_table(results, [t for t in ("floor", "sqlite", "postgres") if t in args.targets])
+    print_table(results, [t for t in ("floor", "base", "sqlite", "postgres") if t in servers])
     report = {
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"before": load_before, "after": load_after, "cpus": os.cpu_count()},
