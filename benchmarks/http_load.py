@@ -3,7 +3,7 @@ measured in the same run, request for request.
 
     .venv/bin/python benchmarks/http_load.py [--duration 5] [--concurrency 1 16 64]
         [--workloads d50x1 d50x3 d500x5 reward] [--targets floor sqlite postgres]
-        [--workers 2] [--pg-url URL] [--json out.json]
+        [--workers 2] [--pg-url URL] [--json runs/http_load.json] [--compare-src DIR]
 
 The load comes from ``wrk`` (a separate C process; ``apt-get install -y wrk``) driven by
 ``http_load.lua``, bounded by ``--duration`` seconds and ``--max-requests`` responses per
@@ -249,7 +249,7 @@ def main() -> None:
         help="also serve (on SQLite, as target 'base') the bandit_service package in this "
         "folder, e.g. `git archive COMMIT | tar -x -C DIR`: before/after in one run",
     )  # fmt: skip
-    parser.add_argument("--json", type=Path, default=Path("http_load.json"))
+    parser.add_argument("--json", type=Path, default=Path("runs/http_load.json"))
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
@@ -326,6 +326,7 @@ def main() -> None:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "results": results,
     }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.json}")
 
