@@ -176,8 +176,8 @@ class DecisionService:
     async def decide(self, request: DecisionRequest, *, may_exist: bool = True) -> dict[str, Any]:
         """Decide and log durably; a repeated event id returns the stored decision.
 
-        ``may_exist=False`` (the service generated the event id) skips the look-up; the
-        group-commit writer still refuses to store an event id twice.
+        ``may_exist=False`` (the service generated the event id) skips the look-ups, here and
+        in the group-commit writer; the primary key still refuses an event id twice.
         """
         self._check_limits(request)
         pending = self._in_flight.get(request.event_id)
@@ -206,7 +206,7 @@ class DecisionService:
             await asyncio.to_thread(self._load_user_secret)  # the store was not ready at start
         user_key = self.user_key(request.user_id) if request.user_id is not None else None
         row = decision_row(decision, request, user_key, time.time())
-        result = await self.writer.write_decision(row)
+        result = await self.writer.write_decision(row, fresh=not may_exist)
         return result.row
 
     def _find(self, event_id: str) -> dict[str, Any] | None:
