@@ -63,7 +63,7 @@ _REWARD_LOOKUP = select(*[DecisionRow.__table__.c[name] for name in REWARD_LOOKU
 
 def decision_for_reward(session: Session, event_id: str) -> dict[str, Any] | None:
     """The columns a reward needs (policy, what was shown, when): not the candidates and
-    context, whose decoding was most of a reward's cost (a 50-candidate row is ~30 KB)."""
+    context, whose decoding was most of a reward's cost (they are the bulk of a row)."""
     row = session.execute(_REWARD_LOOKUP, {"event_id": event_id}).one_or_none()
     return dict(row._mapping) if row is not None else None
 
