@@ -27,6 +27,14 @@ from bandit_service.policy import load_policies
 from bandit_service.privacy import install_log_redaction
 from bandit_service.service import DecisionService
 
+# Python's defaults (700, 10, 10) ran a full collection every few dozen requests once the
+# start-up objects were frozen (few long-lived objects left to throttle them), each
+# scanning every request in flight: 23% of a 500-candidate decision's CPU at 64 in flight,
+# 17% at 16. Young collections every 20,000 allocations and full ones far more rarely
+# brought that to 7-9% (docs/performance.md). Request objects die by reference counting;
+# only rare cycles wait longer for the collector.
+SERVING_GC_THRESHOLDS = (20_000, 50, 100)
+
 
 def create_app(
     settings: Settings | None = None, engine: Engine | None = None, *, under_server: bool = False
@@ -51,6 +59,7 @@ def create_app(
         # process; moving it out of the collector's reach keeps full collections short
         # (they paused 500-candidate requests for ~100 ms every ~20 requests).
         gc.freeze()
+        gc.set_threshold(*SERVING_GC_THRESHOLDS)
         try:
             yield
         finally:

@@ -27,7 +27,7 @@ from bandit_service import privacy
 from bandit_service.config import Settings
 from bandit_service.domain import Decision, DecisionRequest, SlotChoice, to_jsonable
 from bandit_service.engine import DecisionEngine
-from bandit_service.errors import InvalidRequest, NotFound, Unavailable
+from bandit_service.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from bandit_service.holdout import PopularityBoard
 from bandit_service.identifiers import find_identifier
 from bandit_service.model_registry import ModelRegistry
@@ -293,8 +293,8 @@ class DecisionService:
     async def decide(self, request: DecisionRequest, *, may_exist: bool = True) -> dict[str, Any]:
         """Decide and log durably; a repeated event id returns the stored decision.
 
-        ``may_exist=False`` (the service generated the event id) skips the look-up; the
-        group-commit writer still refuses to store an event id twice.
+        ``may_exist=False`` (the service generated the event id) skips the look-ups, here and
+        in the group-commit writer; the primary key still refuses an event id twice.
         """
         self._check_limits(request)
         self._check_identifiers(request)
@@ -331,7 +331,7 @@ class DecisionService:
             self.popularity.wanted.add(request.policy)
         decision = self.engine.decide(request)
         row = decision_row(decision, request, user_key, time.time())
-        result = await self.writer.write_decision(row)
+        result = await self.writer.write_decision(row, fresh=not may_exist)
         if result.created:
             events.decision_stored(result.row)
         return result.row
@@ -354,6 +354,10 @@ class DecisionService:
                 f"features (policy {policy.name!r} does not set allow_identifier_features)",
                 field,
             )
+
+    def _find_for_reward(self, event_id: str) -> dict[str, Any] | None:
+        with Session(self.db) as session:
+            return repository.decision_for_reward(session, event_id)
 
     def _check_limits(self, request: DecisionRequest) -> None:
         s = self.settings
@@ -389,10 +393,16 @@ class DecisionService:
         slot: int | None,
         candidate_id: str | None,
         kind: str = PRIMARY,
+        reward_id: str | None = None,
     ) -> dict[str, Any]:
         """Store a reward. The primary kind must lie within the policy's bounds and is what
-        the trainer learns; other kinds (e.g. ``satisfaction``) are stored for reports."""
-        row = await asyncio.to_thread(self._find, event_id)
+        the trainer learns; other kinds (e.g. ``satisfaction``) are stored for reports.
+
+        ``reward_id`` is the client's idempotency key, scoped to the decision: a retry with
+        the same key (after a timeout or a 503 whose commit may have happened) stores
+        nothing and answers the stored reward with ``duplicate: True``; the same key with a
+        different slot, value or kind is a conflict."""
+        row = await asyncio.to_thread(self._find_for_reward, event_id)
         if row is None:
             raise NotFound(f"no decision with event id {event_id!r}", "event_id")
         policy = self.policies.get(row["policy"])
@@ -415,7 +425,7 @@ class DecisionService:
             if start is not None and policy is not None
             else None
         )
-        late = await self.writer.write_reward(
+        result = await self.writer.write_reward(
             {
                 "event_id": event_id,
                 "slot": index,
@@ -423,18 +433,34 @@ class DecisionService:
                 "received_at": now,
                 "window_end": window_end,
                 "kind": kind,
-                "reward_id": str(uuid.uuid4()),
+                "reward_id": scoped_reward_id(event_id, reward_id)
+                if reward_id is not None
+                else str(uuid.uuid4()),
             }
         )
-        events.reward_stored(row, index, value, kind, late, primary=kind == PRIMARY)
+        stored = result.row
+        if not result.created and (stored["slot"], stored["value"], stored["kind"]) != (
+            index,
+            value,
+            kind,
+        ):
+            raise Conflict(
+                f"reward_id {reward_id!r} was already used for slot {stored['slot']}, value "
+                f"{stored['value']}, kind {stored['kind']!r} of this decision",
+                "reward_id",
+            )
+        if result.created:
+            events.reward_stored(row, index, value, kind, stored["late"], primary=kind == PRIMARY)
         return {
             "event_id": event_id,
-            "slot": index,
-            "id": shown[index],
-            "value": value,
-            "kind": kind,
-            "late": late,
-            "received_at": now,
+            "slot": stored["slot"],
+            "id": shown[stored["slot"]],
+            "value": stored["value"],
+            "kind": stored["kind"],
+            "late": stored["late"],
+            "received_at": stored["received_at"],
+            "reward_id": reward_id,
+            "duplicate": not result.created,
         }
 
     async def activate(self, event_id: str) -> dict[str, Any]:
@@ -634,6 +660,14 @@ class DecisionService:
                 f"{serving.model_version}"
             ),
         )
+
+
+def scoped_reward_id(event_id: str, reward_id: str) -> str:
+    """A client's idempotency key made unique per decision (so two decisions may use the
+    same key) and fitted to the 36-character column: "k" + 35 hex digits of SHA-256. Keys
+    the service makes itself are UUIDs, with hyphens, so the two never collide."""
+    digest = hashlib.sha256(f"{event_id}\x00{reward_id}".encode()).hexdigest()
+    return "k" + digest[:35]
 
 
 def _resolve_slot(shown: list[str], slot: int | None, candidate_id: str | None) -> int:

@@ -13,6 +13,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -106,7 +107,22 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _on_service_error(_request: Request, exc: ServiceError) -> Response:
         status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 400)
-        return error_response(status, exc.code, exc.message, exc.field)
+        retry = {"Retry-After": "1"} if status == 503 else None  # nothing was stored
+        return error_response(status, exc.code, exc.message, exc.field, headers=retry)
+
+    @app.exception_handler(sa_exc.OperationalError)
+    @app.exception_handler(sa_exc.InterfaceError)
+    @app.exception_handler(sa_exc.TimeoutError)
+    async def _on_store_down(request: Request, exc: Exception) -> Response:
+        # The store is unreachable (restarting, failing over, pool exhausted): the request
+        # did nothing durable, so it is a 503 the client may retry, not a 500 -- and handled
+        # here rather than by the catch-all, which would also close the connection.
+        log.warning("store unavailable on %s %s: %s", request.method, request.url.path,
+                    str(exc).splitlines()[0])  # fmt: skip
+        return error_response(
+            503, "store_unavailable", "the store is unreachable right now; retry the request",
+            headers={"Retry-After": "1"},
+        )  # fmt: skip
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException) -> Response:

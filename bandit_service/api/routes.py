@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from bandit_service.api.auth import Principal, admit_candidates, require
+from bandit_service.api.json_route import JsonModelRoute
 from bandit_service.api.schemas import (
     EVENT_ID_PATTERN,
     ActivationOut,
@@ -26,7 +27,7 @@ from bandit_service.rewards import aggregate
 from bandit_service.service import DecisionService, new_event_id
 from bandit_service.timeutil import parse_instant
 
-router = APIRouter()
+router = APIRouter(route_class=JsonModelRoute)  # bodies validated from JSON bytes
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorOut, "description": "Malformed JSON"},
@@ -154,20 +155,28 @@ async def decide(
     "/v1/decisions/{event_id}/rewards",
     response_model=RewardOut,
     status_code=201,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        200: {"model": RewardOut, "description": "A retry: this reward_id is already stored"},
+        409: {"model": ErrorOut, "description": "reward_id already used for another reward"},
+    },
     dependencies=DECIDE_ON_EVENT,
     summary="Report a reward for one slot of a decision",
     description=(
         "Give `slot` (index) or `id` (the candidate shown); neither means slot 0. Several "
         "rewards for a slot are all stored and aggregated as the policy says (sum, first, "
-        "last). A reward after the policy's reward window is stored and flagged `late`."
+        "last). A reward after the policy's reward window is stored and flagged `late`. "
+        "With a `reward_id` (idempotency key) a retried request is stored once: the retry "
+        "answers 200 with `duplicate: true`."
     ),
 )
 async def reward(event_id: str, body: RewardIn, service: ServiceDep) -> Response:
     event_id = known_event_id(event_id)
-    result = await service.reward(event_id, body.value, body.slot, body.id, body.kind)
+    result = await service.reward(
+        event_id, body.value, body.slot, body.id, body.kind, reward_id=body.reward_id
+    )
     result["received_at"] = iso(result["received_at"])
-    return json_response(result, 201)
+    return json_response(result, 200 if result["duplicate"] else 201)
 
 
 @router.post(

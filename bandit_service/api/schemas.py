@@ -126,6 +126,12 @@ class RewardIn(Strict):
         description="`primary` (learned, within the policy's bounds) or another kind such as "
         "`satisfaction`, stored and reported beside it",
     )
+    reward_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,64}$")] | None = Field(
+        default=None,
+        description="Idempotency key, unique per decision: a retry with the same key stores "
+        "nothing new and answers 200 with the stored reward and `duplicate: true`; the same "
+        "key with another slot, value or kind is a 409",
+    )
 
 
 class RewardOut(BaseModel):
@@ -136,6 +142,8 @@ class RewardOut(BaseModel):
     kind: str
     late: bool
     received_at: str
+    reward_id: str | None = None
+    duplicate: bool = False
 
 
 class ActivationOut(BaseModel):

@@ -10,6 +10,7 @@ from sqlalchemy import (
     CursorResult,
     Text,
     Update,
+    bindparam,
     delete,
     func,
     insert,
@@ -78,6 +79,23 @@ def candidate_set_texts(session: Session, keys: Iterable[str]) -> list[tuple[str
     return found
 
 
+REWARD_LOOKUP_COLUMNS = [
+    "event_id", "policy", "arm", "model_version", "slots", "deferred", "created_at",
+    "activated_at",
+]  # fmt: skip
+# Built once: constructing a SELECT costs more Python than running this one on SQLite.
+_REWARD_LOOKUP = select(*[DecisionRow.__table__.c[name] for name in REWARD_LOOKUP_COLUMNS]).where(
+    DecisionRow.__table__.c.event_id == bindparam("event_id")
+)
+
+
+def decision_for_reward(session: Session, event_id: str) -> dict[str, Any] | None:
+    """The columns a reward needs (policy, what was shown, when): not the candidates and
+    context, whose decoding was most of a reward's cost (they are the bulk of a row)."""
+    row = session.execute(_REWARD_LOOKUP, {"event_id": event_id}).one_or_none()
+    return dict(row._mapping) if row is not None else None
+
+
 def insert_decisions(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     """Append decisions given in their written shape (``candidates`` a list, slots with
     ``pmf``), storing each distinct candidate set once and distributions compactly."""
@@ -102,14 +120,37 @@ def insert_decisions(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     session.execute(insert(DecisionRow), stored)
 
 
-def insert_rewards(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+def insert_rewards(session: Session, rows: Sequence[dict[str, Any]]) -> set[str]:
     """Insert rewards; one whose ``reward_id`` is already stored is skipped, so replaying a
-    batch whose commit outcome was unknown cannot count a reward twice."""
+    batch whose commit outcome was unknown, or a client retrying with the same idempotency
+    key, cannot count a reward twice. Returns the ``reward_id`` values actually inserted."""
     if not rows:
-        return
+        return set()
     dialect = session.get_bind().dialect.name
     statement = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(RewardRow)
-    session.execute(statement.on_conflict_do_nothing(index_elements=["reward_id"]), list(rows))
+    inserted = session.execute(
+        statement.on_conflict_do_nothing(index_elements=["reward_id"]).returning(
+            RewardRow.reward_id
+        ),
+        list(rows),
+    )
+    return {row[0] for row in inserted if row[0] is not None}
+
+
+def find_rewards(session: Session, reward_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Stored rewards by ``reward_id``."""
+    ids = list(set(reward_ids))
+    if not ids:
+        return {}
+    rows = session.execute(select(RewardRow).where(RewardRow.reward_id.in_(ids))).scalars()
+    return {
+        r.reward_id: {
+            "event_id": r.event_id, "slot": r.slot, "value": r.value, "kind": r.kind,
+            "late": r.late, "received_at": r.received_at, "reward_id": r.reward_id,
+        }
+        for r in rows
+        if r.reward_id is not None
+    }  # fmt: skip
 
 
 def serialize_log_appends(session: Session) -> None:

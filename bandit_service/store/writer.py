@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sqlalchemy import Engine
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from bandit_service.errors import Unavailable
@@ -37,11 +38,21 @@ class _Write:
     kind: WriteKind
     payload: dict[str, Any]
     future: asyncio.Future[Any] = field(repr=False)
+    fresh: bool = False  # a decision whose event id the service just made: no look-up
 
 
 @dataclass(frozen=True)
 class DecisionWriteResult:
     """``created`` is false when the event id was already logged; ``row`` is the stored one."""
+
+    created: bool
+    row: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RewardWriteResult:
+    """``created`` is false when a reward with the same ``reward_id`` was already stored;
+    ``row`` is then the stored one (its slot, value, kind, ``late`` and ``received_at``)."""
 
     created: bool
     row: dict[str, Any]
@@ -73,12 +84,17 @@ class BatchWriter:
                 await self._task
         self._executor.shutdown(wait=True)
 
-    async def write_decision(self, row: dict[str, Any]) -> DecisionWriteResult:
-        result: DecisionWriteResult = await self._submit("decision", row)
+    async def write_decision(self, row: dict[str, Any], fresh: bool = False) -> DecisionWriteResult:
+        """Store a decision, or return the stored one with the same event id.
+
+        ``fresh``: the service made the event id itself (a random UUID), so the look-up for
+        an earlier copy is skipped -- at one request per batch it was a third of the
+        batch's CPU. The primary key still refuses a duplicate (the write is then 503)."""
+        result: DecisionWriteResult = await self._submit("decision", row, fresh)
         return result
 
-    async def write_reward(self, row: dict[str, Any]) -> bool:
-        """Store a reward; returns whether it was stored as late.
+    async def write_reward(self, row: dict[str, Any]) -> RewardWriteResult:
+        """Store a reward, unless one with the same ``row["reward_id"]`` is stored already.
 
         ``row["window_end"]`` (or None) is when the decision's reward window closes. The
         reward is late if it was received after that, or if its commit happens so near the
@@ -86,17 +102,17 @@ class BatchWriter:
         have learned the event without it: the flag is set at commit time, so an answer
         ``late: false`` always means the reward will be learned.
         """
-        late: bool = await self._submit("reward", row)
-        return late
+        result: RewardWriteResult = await self._submit("reward", row)
+        return result
 
     async def activate(self, event_id: str, at: float) -> None:
         await self._submit("activate", {"event_id": event_id, "at": at})
 
-    async def _submit(self, kind: WriteKind, payload: dict[str, Any]) -> Any:
+    async def _submit(self, kind: WriteKind, payload: dict[str, Any], fresh: bool = False) -> Any:
         if self._closing or self._queue is None:
             raise Unavailable("the service is shutting down; retry on another instance")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Write(kind, payload, future))
+        self._queue.put_nowait(_Write(kind, payload, future, fresh))
         metrics.WRITER_QUEUE.inc()
         return await future
 
@@ -126,9 +142,30 @@ class BatchWriter:
         is answered 503 (retry), never a 500 and never a 2xx."""
         try:
             return self._commit_once(batch)
-        except Exception:
+        except Exception as exc:
+            if store_unreachable(exc):
+                return self._commit_when_reachable(batch, exc)
             log.warning("batch of %d failed; retrying each write alone", len(batch), exc_info=True)
         return [self._commit_alone(write) for write in batch]
+
+    def _commit_when_reachable(self, batch: list[_Write], error: Exception) -> list[Any]:
+        """The store did not answer (restart, failover, dropped connection). Retrying each
+        write alone would cost two more failed connections per write and stall the queue for
+        the whole outage, so the batch is retried once, whole, on a fresh connection (this
+        covers a pooled connection that died with the old server); if that fails too, every
+        write is answered 503 at once."""
+        log.warning("store unreachable (%s); retrying the batch of %d once",
+                    str(error).splitlines()[0], len(batch))  # fmt: skip
+        try:
+            return self._commit_once(batch)
+        except Exception as exc:
+            if not store_unreachable(exc):
+                return [self._commit_alone(write) for write in batch]
+            log.warning("store still unreachable; answering %d writes 503", len(batch))
+        return [
+            Unavailable(f"the store is unreachable; the {w.kind} was not stored, retry it")
+            for w in batch
+        ]
 
     def _commit_once(self, batch: list[_Write]) -> list[Any]:
         start = time.perf_counter()
@@ -155,12 +192,20 @@ class BatchWriter:
         return Unavailable(f"could not store the {write.kind} right now; retry the request")
 
 
+def store_unreachable(exc: BaseException) -> bool:
+    """Errors that say the store could not be reached, as opposed to a bad write."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError)
+
+
 def _apply(session: Session, batch: list[_Write], late_margin: float) -> list[Any]:
     """Write one batch inside the caller's transaction; return one outcome per write."""
-    decision_ids = [w.payload["event_id"] for w in batch if w.kind == "decision"]
+    decision_ids = [w.payload["event_id"] for w in batch if w.kind == "decision" and not w.fresh]
     stored = repository.find_decisions(session, decision_ids)
     new_decisions: list[dict[str, Any]] = []
     rewards: list[dict[str, Any]] = []
+    reward_outcomes: list[tuple[int, dict[str, Any]]] = []
     now = time.time()
     outcomes: list[Any] = []
     for write in batch:
@@ -179,12 +224,30 @@ def _apply(session: Session, batch: list[_Write], late_margin: float) -> list[An
                 row["received_at"] > window_end or now > window_end + late_margin
             )
             rewards.append(row)
-            outcomes.append(row["late"])
+            reward_outcomes.append((len(outcomes), row))
+            outcomes.append(None)  # known once inserted
         else:
             outcomes.append(None)
     # Decisions first: rewards and activations in the same batch may refer to them.
     repository.insert_decisions(session, new_decisions)
-    repository.insert_rewards(session, rewards)
+    inserted = repository.insert_rewards(session, rewards)
+    # A reward_id that was not inserted is stored already (an earlier request, a concurrent
+    # one from another process, or an earlier write of this batch): answer with that one.
+    seen: set[str] = set()
+    repeated = []
+    for row in rewards:
+        if row["reward_id"] not in inserted or row["reward_id"] in seen:
+            repeated.append(row["reward_id"])
+        seen.add(row["reward_id"])
+    stored_rewards = repository.find_rewards(session, repeated)
+    claimed: set[str] = set()
+    for index, row in reward_outcomes:
+        key = row["reward_id"]
+        if key in inserted and key not in claimed:
+            claimed.add(key)
+            outcomes[index] = RewardWriteResult(True, row)
+        else:
+            outcomes[index] = RewardWriteResult(False, stored_rewards[key])
     for write in batch:
         if write.kind == "activate":
             repository.activate(session, write.payload["event_id"], write.payload["at"])

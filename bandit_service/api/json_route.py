@@ -1,0 +1,74 @@
+"""Request bodies validated straight from JSON bytes, by pydantic's own parser.
+
+FastAPI parses a JSON body with the standard library (``json.loads``) and then validates
+the resulting dicts (``validate_python``). For a decision request (50 candidates x 10
+features) those two steps were the largest cost outside the engine, a quarter of a
+decision's CPU under load; ``Model.model_validate_json`` does both in one pass in
+pydantic-core and took half the time (``benchmarks/profile_service.py``; docs/performance.md).
+
+``JsonModelRoute`` keeps everything else as FastAPI does it (routing, OpenAPI schema,
+dependencies): only ``Request.json()`` changes. For a valid body it returns the validated
+model, which FastAPI then accepts as is (pydantic does not revalidate an instance of the
+model itself); for an invalid one it returns what ``json.loads`` returns, so FastAPI
+validates and reports the errors exactly as before.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import typing
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
+
+
+class _ModelRequest(Request):
+    """A request whose JSON body is parsed and validated as ``model`` in one step."""
+
+    def __init__(self, request: Request, model: type[BaseModel]) -> None:
+        super().__init__(request.scope, request.receive)
+        self._model = model
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = self._model.model_validate_json(body)
+            except ValidationError:
+                # Invalid: hand FastAPI the parsed JSON (or its JSONDecodeError) so that it
+                # reports the problem exactly as it always has. Only bad requests pay twice.
+                self._json = json.loads(body)
+        return self._json
+
+
+def _body_model(endpoint: Callable[..., Any]) -> type[BaseModel] | None:
+    """The one pydantic model among the endpoint's parameters (its JSON body), if any."""
+    hints = typing.get_type_hints(endpoint, include_extras=False)
+    models = [
+        hint
+        for name, hint in hints.items()
+        if name != "return"
+        and name in inspect.signature(endpoint).parameters
+        and inspect.isclass(hint)
+        and issubclass(hint, BaseModel)
+    ]
+    return models[0] if len(models) == 1 else None
+
+
+class JsonModelRoute(APIRoute):
+    """An ``APIRoute`` whose body model is validated from the raw JSON bytes."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        model = _body_model(self.endpoint)
+        if model is None:
+            return handler
+
+        async def route_handler(request: Request) -> Response:
+            return await handler(_ModelRequest(request, model))
+
+        return route_handler
