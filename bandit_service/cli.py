@@ -270,7 +270,9 @@ def _ope(args: argparse.Namespace) -> int:
     ope.PROGRESS = progress
     try:
         specs = args.target or ["uniform"]
-        if (args.from_file or args.policy) and not (args.sweep or args.importance or args.pages):
+        streamable = args.from_file or args.policy or args.from_jsonl or args.from_dsjson or (
+            args.from_obd and not args.target_distribution)  # fmt: skip
+        if streamable and not (args.sweep or args.importance or args.pages):
             return _ope_stream(args, specs, stats)
         for spec in specs:
             if spec.startswith("explicit:"):
@@ -341,8 +343,9 @@ def _ope(args: argparse.Namespace) -> int:
 
 
 def _ope_stream(args: argparse.Namespace, specs: list[str], stats: Any) -> int:
-    """``--from-file`` CSV/Parquet or ``--policy``: stream the log in chunks (bounded
-    memory; sweeps, importance and whole pages still read it into memory)."""
+    """Stream the log in chunks (bounded memory): ``--from-file`` CSV/Parquet, JSON lines,
+    DSJSON, OBD or ``--policy``. Sweeps, importance, whole pages and an OBD position target
+    read it into memory instead."""
     import json
 
     from bandit_service.ope import evaluate as ope
@@ -354,6 +357,20 @@ def _ope_stream(args: argparse.Namespace, specs: list[str], stats: Any) -> int:
         if not table.is_table(args.from_file):
             raise ValueError(f"{args.from_file}: --from-file reads .csv or .parquet logs")
         source = table.table_source(args.from_file, stats)
+    elif args.from_jsonl or args.from_dsjson or args.from_obd:
+        from bandit_service.ope import files
+
+        if args.from_jsonl:
+            path = args.from_jsonl
+            source = stream.rows_source(lambda counts: files.iter_jsonl(path, counts), stats)
+        elif args.from_dsjson:
+            path = args.from_dsjson
+            source = stream.rows_source(lambda counts: files.iter_dsjson(path, counts), stats)
+        else:
+            if args.items is None:
+                raise ValueError("--from-obd needs --items (80, 34 or 46 in the OBD sample)")
+            path, items = args.from_obd, args.items
+            source = stream.rows_source(lambda counts: ope.iter_obd(path, items, counts), stats)
     else:
         from bandit_service.store.database import make_engine
         from bandit_service.timeutil import parse_instant
@@ -368,7 +385,7 @@ def _ope_stream(args: argparse.Namespace, specs: list[str], stats: Any) -> int:
         source = stream.store_source(db, policies[args.policy], since, until, stats)
     targets: dict[str, stream.StreamTarget] = {}
     for spec in specs:
-        if db is not None and spec.startswith("explicit:"):
+        if not args.from_file and spec.startswith("explicit:"):
             raise ValueError(
                 f"{spec}: explicit targets are read from a target_NAME column of a CSV or "
                 "Parquet log given with --from-file"

@@ -23,7 +23,7 @@ predicts it.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -403,32 +403,38 @@ def rows_from_obd(
 ) -> list[SlotRow]:
     """Slot rows from an OBD CSV: every item is eligible at every position, the user
     features become the ``user`` namespace, and the slot is the position (0-based)."""
+    rows = list(iter_obd(path, n_items, stats, chunk_rows))
+    stats.rows += len(rows)
+    return rows
+
+
+def iter_obd(
+    path: str, n_items: int, stats: LogStats, chunk_rows: int = 10_000
+) -> Iterator[SlotRow]:
+    """:func:`rows_from_obd`, streamed (the CSV is read ``chunk_rows`` at a time)."""
     from bandit_service.ope.obd import ReadStats, read_obd
 
     items = tuple(Candidate(str(i)) for i in range(n_items))
     read = ReadStats()
-    rows: list[SlotRow] = []
+    made = 0
     for chunk in read_obd(path, chunk_rows, read):
         for r in chunk:
             if not 0 <= r.item_id < n_items:
                 raise ValueError(f"{path}: item_id {r.item_id} outside 0..{n_items - 1}")
-            rows.append(
-                SlotRow(
-                    key=f"{len(rows)}/{r.position}",
-                    created_at=float(len(rows)),
-                    context={"user": {f"f{j}": v for j, v in enumerate(r.user_features)}},
-                    slot=r.position - 1,
-                    slot_features={},
-                    eligible=items,
-                    chosen=r.item_id,
-                    propensity=r.propensity,
-                    reward=r.click,
-                )
+            yield SlotRow(
+                key=f"{made}/{r.position}",
+                created_at=float(made),
+                context={"user": {f"f{j}": v for j, v in enumerate(r.user_features)}},
+                slot=r.position - 1,
+                slot_features={},
+                eligible=items,
+                chosen=r.item_id,
+                propensity=r.propensity,
+                reward=r.click,
             )
-    stats.rows += len(rows)
+            made += 1
     stats.decisions += read.rows
     stats.skipped_deterministic += read.skipped_deterministic
-    return rows
 
 
 def position_target(distribution: Mapping[tuple[int, int], float], n_items: int) -> Target:

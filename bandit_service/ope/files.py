@@ -72,7 +72,13 @@ def _probability(value: Any, where: str) -> float:
 
 
 def rows_from_jsonl(path: str | Path, stats: LogStats) -> list[SlotRow]:
-    rows = []
+    rows = list(iter_jsonl(path, stats))
+    stats.rows += len(rows)
+    return rows
+
+
+def iter_jsonl(path: str | Path, stats: LogStats) -> Iterator[SlotRow]:
+    """Slot rows of a log in the project's JSON-lines schema, streamed."""
     for number, line in _lines(path):
         where = f"{path}, line {number}"
         stats.decisions += 1
@@ -95,22 +101,18 @@ def rows_from_jsonl(path: str | Path, stats: LogStats) -> list[SlotRow]:
         if "pmf" in line:
             given = {str(cid): float(p) for cid, p in line["pmf"]}
             pmf = tuple(given.get(cid, 0.0) for cid in ids)
-        rows.append(
-            SlotRow(
-                key=f"{line.get('event_id', number)}/{line.get('slot', 0)}",
-                created_at=float(line.get("created_at", number)),
-                context=line.get("context") or {},
-                slot=int(line.get("slot", 0)),
-                slot_features=line.get("slot_features") or {},
-                eligible=candidates,
-                chosen=chosen,
-                propensity=probability,
-                reward=reward,
-                logged_pmf=pmf,
-            )
+        yield SlotRow(
+            key=f"{line.get('event_id', number)}/{line.get('slot', 0)}",
+            created_at=float(line.get("created_at", number)),
+            context=line.get("context") or {},
+            slot=int(line.get("slot", 0)),
+            slot_features=line.get("slot_features") or {},
+            eligible=candidates,
+            chosen=chosen,
+            propensity=probability,
+            reward=reward,
+            logged_pmf=pmf,
         )
-    stats.rows += len(rows)
-    return rows
 
 
 def _vw_features(raw: Mapping[str, Any]) -> dict[str, Any]:

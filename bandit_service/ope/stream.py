@@ -18,7 +18,7 @@ and estimators are resampled with the same counts, so their intervals are paired
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -153,6 +153,33 @@ def chunks_from_rows(
     def source(_mode: str) -> Iterator[Chunk]:
         for start in range(0, len(ordered), chunk_rows):
             yield chunk_from_rows(ordered[start : start + chunk_rows], start, vocab)
+
+    return source
+
+
+def rows_source(
+    read_rows: Callable[[LogStats], Iterable[SlotRow]],
+    stats: LogStats,
+    chunk_rows: int = 50_000,
+) -> Source:
+    """A source over a streamed file reader (JSON lines, DSJSON, OBD): ``read_rows`` is
+    called once per pass with the counters to update (``stats`` on the "full" pass only)
+    and yields rows in file order, which are chunked as they come (bounded memory)."""
+    vocab = Vocabulary()
+
+    def source(mode: str) -> Iterator[Chunk]:
+        first = 0
+        buffer: list[SlotRow] = []
+        counts = stats if mode == "full" else LogStats()
+        for row in read_rows(counts):
+            counts.rows += 1
+            buffer.append(row)
+            if len(buffer) == chunk_rows:
+                yield chunk_from_rows(buffer, first, vocab)
+                first += len(buffer)
+                buffer = []
+        if buffer:
+            yield chunk_from_rows(buffer, first, vocab)
 
     return source
 

@@ -111,6 +111,27 @@ def test_the_ope_command_on_the_open_bandit_sample(capsys: pytest.CaptureFixture
                  "--target", "nonsense"]) == 2  # fmt: skip
 
 
+def test_obd_streamed_in_chunks_equals_in_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a position target the OBD file is streamed; same values as in memory."""
+    men = str(OBD / "random/men/men.csv")
+    assert main(["ope", "--from-obd", men, "--items", "34", "--target", "uniform",
+                 "--target", "popularity", "--replicates", "50", "--json"]) == 0  # fmt: skip
+    streamed = json.loads(capsys.readouterr().out)
+    stats = ope.LogStats()
+    rows = ope.rows_from_obd(men, 34, stats)
+    assert streamed["log"]["rows"] == stats.rows == len(rows) == 10_000
+    in_memory = ope.evaluate(
+        rows,
+        {"uniform": ope.parse_target("uniform"), "popularity": ope.parse_target("popularity")},
+        replicates=50,
+    )  # fmt: skip
+    for result in in_memory:
+        got = next(r for r in streamed["results"] if r["target"] == result.target)
+        for estimate, row in zip(result.estimates, got["estimates"], strict=True):
+            assert row["estimator"] == estimate.estimator
+            assert row["value"] == pytest.approx(estimate.value, abs=1e-9)
+
+
 def test_json_lines_and_dsjson_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     own = tmp_path / "log.jsonl"
     lines = []
