@@ -613,8 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
         "retention", help="remove decisions and rewards older than each policy's retention_days"
     )
     retention.set_defaults(func=_retention)
-    # -- simulate (issue #7): seeded scenarios and sweeps, see bandit_service/simulation/ --
-    from bandit_service.simulation.cli import add_parser as add_simulate_parser
+    # -- simulate (issue #7): seeded scenarios and sweeps, see simulators/ --
+    from simulators.cli import add_parser as add_simulate_parser
 
     add_simulate_parser(sub)
     # -- end simulate --

@@ -14,9 +14,9 @@ import uvicorn
 
 from bandit_service.app import create_app
 from bandit_service.config import Settings
-from bandit_service.simulation.cli import policy_toml
-from bandit_service.simulation.http import run_http
-from bandit_service.simulation.scenarios import make_scenario
+from simulators.cli import policy_toml
+from simulators.http import run_http
+from simulators.scenarios import make_scenario
 
 STEPS = 240
 

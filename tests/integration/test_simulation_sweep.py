@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from bandit_service.cli import main
-from bandit_service.simulation.inprocess import run_inprocess
-from bandit_service.simulation.scenarios import make_scenario
-from bandit_service.simulation.sweep import (
+from simulators.inprocess import run_inprocess
+from simulators.scenarios import make_scenario
+from simulators.sweep import (
     Setting,
     SweepError,
     apply_setting,

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from bandit_service.simulation.scenarios import (
+from simulators.scenarios import (
     SCENARIOS,
     Item,
     Visit,

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from bandit_service.policy import PolicyConfig, parse_policy, without_options
-from bandit_service.simulation.metrics import WINDOW_COLUMNS
-from bandit_service.simulation.scenarios import OBJECTIVES, Objective, World, make_scenario
+from simulators.metrics import WINDOW_COLUMNS
+from simulators.scenarios import OBJECTIVES, Objective, World, make_scenario
 
 _EXPLORATION_OPTIONS = {
     "--epsilon", "--squarecb", "--regcbopt", "--regcb", "--softmax", "--cover", "--bag",
@@ -326,7 +326,7 @@ def write_outputs(result: SweepResult, out: Path, plots: bool = True) -> list[Pa
             writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
     written[1].write_text(json.dumps(result.as_dict(), indent=2) + "\n", encoding="utf-8")
     if plots:
-        from bandit_service.simulation.plots import plot_sweep
+        from simulators.plots import plot_sweep
 
         written.extend(plot_sweep(result, out))
     return written

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bandit_service.simulation.scenarios import SCENARIOS, World
+from simulators.scenarios import SCENARIOS, World
 
 HTTP_SWEEP_KEYS = {"policy", "objective"}
 
@@ -64,9 +64,9 @@ def _positive(text: str) -> int:
 
 
 def simulate(args: argparse.Namespace) -> int:
-    from bandit_service.simulation.http import HttpSimulationError
-    from bandit_service.simulation.scenarios import make_scenario
-    from bandit_service.simulation.sweep import (
+    from simulators.http import HttpSimulationError
+    from simulators.scenarios import make_scenario
+    from simulators.sweep import (
         Progress,
         SweepError,
         format_table,
@@ -113,8 +113,8 @@ def simulate(args: argparse.Namespace) -> int:
 
 
 def _inprocess_run(args: argparse.Namespace, window: int) -> Any:
-    from bandit_service.simulation.inprocess import run_inprocess
-    from bandit_service.simulation.sweep import Setting, apply_setting
+    from simulators.inprocess import run_inprocess
+    from simulators.sweep import Setting, apply_setting
 
     def run(world: World, setting: Setting, seed: int, tick: Any) -> Any:
         policy = apply_setting(world.policy, setting)
@@ -129,8 +129,8 @@ def _inprocess_run(args: argparse.Namespace, window: int) -> Any:
 
 
 def _http_run(args: argparse.Namespace, window: int) -> Any:
-    from bandit_service.simulation.http import run_http
-    from bandit_service.simulation.sweep import Setting
+    from simulators.http import run_http
+    from simulators.sweep import Setting
 
     def run(world: World, setting: Setting, seed: int, tick: Any) -> Any:
         result = run_http(

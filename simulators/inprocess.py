@@ -33,10 +33,10 @@ from bandit_service.learners.vw import VWLearner
 from bandit_service.policy import PolicyConfig
 from bandit_service.rewards import readiness
 from bandit_service.service import decision_row
-from bandit_service.simulation.metrics import WindowAggregator
-from bandit_service.simulation.outcomes import ShownSlot, outcome
-from bandit_service.simulation.scenarios import Objective, World
 from bandit_service.training import eligible_from_pmf, learning_examples
+from simulators.metrics import WindowAggregator
+from simulators.outcomes import ShownSlot, outcome
+from simulators.scenarios import Objective, World
 
 SECONDS_PER_STEP = 1.0
 POPULARITY_MEMORY = 5000  # closed events kept for the holdout's popularity ranking

@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from bandit_service.simulation.inprocess import RunResult
-from bandit_service.simulation.metrics import WindowAggregator
-from bandit_service.simulation.outcomes import ShownSlot, outcome
-from bandit_service.simulation.scenarios import Objective, World
+from simulators.inprocess import RunResult
+from simulators.metrics import WindowAggregator
+from simulators.outcomes import ShownSlot, outcome
+from simulators.scenarios import Objective, World
 
 
 class HttpSimulationError(RuntimeError):

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from bandit_service.rewards import PRIMARY
-from bandit_service.simulation.metrics import VisitRecord
-from bandit_service.simulation.scenarios import Item, Objective, Visit, World
+from simulators.metrics import VisitRecord
+from simulators.scenarios import Item, Objective, Visit, World
 
 SATISFACTION = "satisfaction"
 CLICK = "click"

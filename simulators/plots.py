@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from bandit_service.simulation.sweep import SweepResult
+    from simulators.sweep import SweepResult
 
 
 def _series(result: SweepResult, key: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:

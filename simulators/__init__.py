@@ -1,0 +1,1 @@
+"""Seeded simulator scenarios, runners and sweeps behind ``bandit-service simulate``."""
