@@ -80,6 +80,7 @@ def create_app(
     app.state.store_metrics = metrics.StoreMetrics(
         service.db, policies, settings.metrics_window_seconds
     )
+    service.policy_listeners.append(app.state.store_metrics.set_policies)
     app.include_router(router)
     app.include_router(personalizer_router)  # Azure Personalizer-compatible facade
     app.include_router(privacy_router)  # issue 10: delete-user, opt-out, explanations

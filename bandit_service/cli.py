@@ -194,11 +194,49 @@ def _train(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     log.info("trainer %s started for %s", trainer.owner, ", ".join(trainer.trainers) or "nothing")
     heartbeat = Path(args.heartbeat) if args.heartbeat else None
-    trainer.run_forever(
-        stop, settings.train_interval_seconds, heartbeat.touch if heartbeat else None
-    )
+    follow = _policy_follower(settings.policies_dir, policies, trainer, log)
+
+    def on_cycle() -> None:
+        if heartbeat is not None:
+            heartbeat.touch()
+        follow()
+
+    trainer.run_forever(stop, settings.train_interval_seconds, on_cycle)
     log.info("trainer %s stopped", trainer.owner)
     return 0
+
+
+def _policy_follower(
+    folder: Path, policies: dict[str, Any], trainer: Any, log: logging.Logger
+) -> Any:
+    """Each cycle, apply policy files changed since (e.g. by a configuration PUT on an API
+    process) to the trainer, as serving processes do; an invalid file is logged and the
+    running version kept. Only the policies this trainer was started for are followed."""
+    from bandit_service.policy import load_policy_file, policy_file_marks
+
+    marks = policy_file_marks(folder)
+
+    def follow() -> None:
+        nonlocal marks
+        current = policy_file_marks(folder)
+        changed = sorted(n for n, mark in current.items() if marks.get(n) != mark)
+        marks = current
+        for name in changed:
+            if name not in policies:
+                continue
+            try:
+                policy = load_policy_file(folder / f"{name}.toml")
+            except (PolicyError, OSError) as exc:
+                log.error("policy file of %s not applied, still training the previous "
+                          "version: %s", name, exc)  # fmt: skip
+                continue
+            if policy.version != policies[name].version:
+                policies[name] = policy
+                trainer.set_policy(policy)
+                log.info("policy %s: now version %s (model lineage %s)", name,
+                         policy.version, policy.model_key)  # fmt: skip
+
+    return follow
 
 
 def _report_lift(args: argparse.Namespace) -> int:

@@ -227,6 +227,11 @@ def check_vw_args(vw_args: str, where: str) -> None:
         option = token.split("=", 1)[0]
         if option in _FORBIDDEN_VW_OPTIONS:
             raise _fail(where, f"vw_args may not contain {option}: the service manages model I/O")
+    from bandit_service.learners.vw import vw_args_problem  # VW is imported there only
+
+    problem = vw_args_problem(vw_args)
+    if problem is not None:
+        raise _fail(where, f"Vowpal Wabbit refuses vw_args {vw_args!r}: {problem}")
 
 
 def load_policy_file(path: Path) -> PolicyConfig:
@@ -245,3 +250,18 @@ def load_policies(directory: Path) -> dict[str, PolicyConfig]:
     if not policies:
         raise PolicyError(f"no *.toml policy files in {directory}")
     return policies
+
+
+def policy_file_marks(directory: Path) -> dict[str, tuple[int, int]]:
+    """(mtime ns, size) of every ``*.toml`` in ``directory``, by policy name: what processes
+    compare to notice a policy file created or changed at runtime."""
+    if not directory.is_dir():
+        return {}
+    found = {}
+    for path in directory.glob("*.toml"):
+        try:
+            stat = path.stat()
+        except OSError:  # removed between glob and stat
+            continue
+        found[path.stem] = (stat.st_mtime_ns, stat.st_size)
+    return found

@@ -8,7 +8,6 @@ the same whether the service is driven over HTTP or from Python.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -17,7 +16,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import Engine
@@ -32,7 +31,7 @@ from bandit_service.holdout import PopularityBoard
 from bandit_service.identifiers import find_identifier
 from bandit_service.model_registry import ModelRegistry
 from bandit_service.ops import events
-from bandit_service.policy import PolicyConfig, PolicyError, load_policy_file
+from bandit_service.policy import PolicyConfig, PolicyError, load_policy_file, policy_file_marks
 from bandit_service.reports.lift import collect_outcomes, lift_report
 from bandit_service.rewards import PRIMARY
 from bandit_service.store import repository
@@ -79,6 +78,8 @@ class DecisionService:
         self._user_secret: bytes | None = None
         self.opt_outs = privacy.OptOutRegistry(self.db)  # issue 10
         self.retention = privacy.RetentionJob(self.db, self.policies)
+        # Called with every policy after a runtime change (apply_policy).
+        self.policy_listeners: list[Callable[[Mapping[str, PolicyConfig]], None]] = []
         self.popularity.opted_out = self.opt_outs
         self._privacy_task: asyncio.Task[None] | None = None
         self._in_flight: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -145,15 +146,7 @@ class DecisionService:
 
     # -- runtime policy changes ------------------------------------------------------------
     def _scan_policy_files(self) -> dict[str, tuple[int, int]]:
-        folder = self.settings.policies_dir
-        if not folder.is_dir():
-            return {}
-        found = {}
-        for path in folder.glob("*.toml"):
-            with contextlib.suppress(OSError):  # removed between glob and stat
-                stat = path.stat()
-                found[path.stem] = (stat.st_mtime_ns, stat.st_size)
-        return found
+        return policy_file_marks(self.settings.policies_dir)
 
     async def reload_policies(self) -> list[str]:
         """Apply policy files created or changed since the last look; returns the names
@@ -190,6 +183,9 @@ class DecisionService:
         self.popularity.set_policy(policy)
         self.engine.policies = {**self.engine.policies, policy.name: policy}
         self.policies = {**self.policies, policy.name: policy}
+        self.retention.policies = self.policies  # retention_days may have changed
+        for listener in self.policy_listeners:  # e.g. the /metrics store view
+            listener(self.policies)
         if self._trainer is not None:
             self._trainer.set_policy(policy)
         log.info("policy %s: now version %s (model lineage %s)", policy.name, policy.version,
@@ -300,19 +296,27 @@ class DecisionService:
         self._check_identifiers(request)
         pending = self._in_flight.get(request.event_id)
         if pending is not None:  # the same event id is being decided right now
-            return await asyncio.shield(pending)
+            return _same_policy(await asyncio.shield(pending), request)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._in_flight[request.event_id] = future
         try:
             row = await self._decide_and_log(request, may_exist)
             future.set_result(row)
-            return row
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved: concurrent waiters, if any, re-raise it
             raise
         finally:
             del self._in_flight[request.event_id]
+        return _same_policy(row, request)
+
+    async def decision_policy(self, event_id: str) -> str | None:
+        """The policy of a stored decision (None: no such event); a light look-up."""
+        return await asyncio.to_thread(self._decision_policy, event_id)
+
+    def _decision_policy(self, event_id: str) -> str | None:
+        with Session(self.db) as session:
+            return repository.decision_policy(session, event_id)
 
     async def _decide_and_log(self, request: DecisionRequest, may_exist: bool) -> dict[str, Any]:
         if may_exist:
@@ -460,7 +464,9 @@ class DecisionService:
             "late": stored["late"],
             "received_at": stored["received_at"],
             "reward_id": reward_id,
-            "duplicate": not result.created,
+            # Only a client's own key makes a retry: a key the service made can only be
+            # found again by its own retry after an unknown commit outcome.
+            "duplicate": not result.created and reward_id is not None,
         }
 
     async def activate(self, event_id: str) -> dict[str, Any]:
@@ -684,6 +690,19 @@ def _resolve_slot(shown: list[str], slot: int | None, candidate_id: str | None) 
     if not 0 <= index < len(shown):
         raise InvalidRequest(f"slot {index} does not exist (decision has {len(shown)})", "slot")
     return index
+
+
+def _same_policy(row: dict[str, Any], request: DecisionRequest) -> dict[str, Any]:
+    """A repeated event id answers the stored decision, but only for the same policy: an
+    event id is one decision of one policy (and a key restricted to one policy must not
+    read another's decision by reusing its id). The other policy is not named."""
+    if row["policy"] != request.policy:
+        raise Conflict(
+            f"event id {request.event_id!r} already names a decision of another policy; "
+            "use a new event id",
+            "event_id",
+        )
+    return row
 
 
 def decision_row(

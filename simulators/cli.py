@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,10 @@ def add_parser(sub: Any) -> None:
     sim.add_argument("--json", action="store_true", help="print the summary JSON, not a table")
     sim.add_argument("--mode", choices=["inprocess", "http"], default="inprocess")
     sim.add_argument("--url", default="http://127.0.0.1:8080", help="service (http mode)")
+    sim.add_argument(
+        "--api-key", default=os.environ.get("BANDIT_API_KEY"),
+        help="key with the decide and read scopes (http mode; default: $BANDIT_API_KEY)",
+    )  # fmt: skip
     sim.add_argument("--policy", default="default", help="service policy (http mode)")
     sim.add_argument("--concurrency", type=_positive, default=16, help="http mode")
     sim.add_argument(
@@ -135,7 +140,7 @@ def _http_run(args: argparse.Namespace, window: int) -> Any:
     def run(world: World, setting: Setting, seed: int, tick: Any) -> Any:
         result = run_http(
             world, args.url, setting.policy_name or args.policy, args.steps, seed, window,
-            setting.objective, args.concurrency, progress=tick,
+            setting.objective, args.concurrency, progress=tick, api_key=args.api_key,
         )  # fmt: skip
         return result.windows, result.summary
 

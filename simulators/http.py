@@ -41,8 +41,10 @@ class HttpSimulationError(RuntimeError):
 class ServiceClient:
     """A tiny JSON client over ``http.client``; one connection per thread, retried once."""
 
-    def __init__(self, url: str, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, timeout: float = 30.0, api_key: str | None = None) -> None:
         parts = urllib.parse.urlsplit(url)
+        # A service with API keys needs one with the decide and read scopes.
+        self._auth = {"X-API-Key": api_key} if api_key else {}
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise HttpSimulationError(f"--url must be http(s)://host[:port], got {url!r}")
         self._https = parts.scheme == "https"
@@ -63,6 +65,7 @@ class ServiceClient:
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
         headers = {"content-type": "application/json"} if data is not None else {}
+        headers.update(self._auth)
         for attempt in (0, 1):
             conn = self._connection()
             try:
@@ -95,8 +98,9 @@ def run_http(
     concurrency: int = 16,
     catch_up_timeout: float = 120.0,
     progress: Callable[[int], None] | None = None,
+    api_key: str | None = None,
 ) -> RunResult:
-    client = ServiceClient(url)
+    client = ServiceClient(url, api_key=api_key)
     status = _check(*client.call("GET", f"/v1/policies/{policy}"), f"policy {policy!r}", 200)
     server_policy = status["policy"]
     scale = float(server_policy["reward_window_seconds"]) / float(

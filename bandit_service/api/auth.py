@@ -51,7 +51,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from bandit_service.api.errors import error_response
@@ -65,7 +65,7 @@ from bandit_service.apikeys import (
     retry_after_header,
 )
 from bandit_service.errors import InvalidRequest
-from bandit_service.store.models import DecisionRow
+from bandit_service.store import repository
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +164,7 @@ def _check_client(request: Request) -> None:
 
 def _decision_policy(db: Engine, event_id: str) -> str | None:
     with Session(db) as session:
-        return session.execute(
-            select(DecisionRow.policy).where(DecisionRow.event_id == event_id)
-        ).scalar_one_or_none()
+        return repository.decision_policy(session, event_id)
 
 
 def admit_policy(principal: Principal, policy: str, field: str = "policy") -> None:

@@ -16,7 +16,14 @@ MAX_FEATURES = 200
 MAX_LIST_ITEMS = 100
 
 
+def printable(text: str) -> str:
+    """``text`` safe to put in an error message: a lone surrogate (which cannot be encoded
+    as UTF-8, so a response naming it would fail) is shown escaped, e.g. ``\\ud800``."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _bad(path: str, message: str) -> PydanticCustomError:
+    path = printable(path)
     return PydanticCustomError(
         "feature_invalid", "{path}: {message}", {"path": path, "message": message}
     )

@@ -8,6 +8,7 @@ is the one actually used.
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import tempfile
@@ -40,6 +41,19 @@ def workspace_args(vw_args: str, seed: int = 0) -> str:
     if "--random_seed" not in tokens:
         extra += ["--random_seed", str(seed)]
     return " ".join([*tokens, *extra])
+
+
+@functools.lru_cache(maxsize=256)
+def vw_args_problem(vw_args: str) -> str | None:
+    """Why VW refuses ``vw_args`` (e.g. an unknown option), or None: a workspace is built
+    once and dropped. Policies are checked with it when loaded, so a bad option fails at
+    start or at a configuration change with a clear message, not later in a learner."""
+    try:
+        workspace = vowpalwabbit.Workspace(workspace_args(vw_args))
+    except Exception as exc:  # VW raises RuntimeError for options it does not know
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    workspace.finish()
+    return None
 
 
 class VWLearner:

@@ -190,12 +190,16 @@ class StoreMetrics(Collector):
         cache_seconds: float = 5.0,
     ) -> None:
         self._db = db
-        self._policies = dict(policies)
+        self._policies = dict(policies)  # replaced by the service's on a policy change
         self._window = window_seconds
         self._cache_seconds = cache_seconds
         self._lock = threading.Lock()
         self._cached: list[Metric] = []
         self._cached_at = -float("inf")
+
+    def set_policies(self, policies: Mapping[str, PolicyConfig]) -> None:
+        """Report these policies from the next scrape on (a policy added or changed)."""
+        self._policies = dict(policies)
 
     def collect(self) -> Iterator[Metric]:
         """The store's families plus ``bandit_store_metrics_up``: when the store cannot be
@@ -252,7 +256,7 @@ class StoreMetrics(Collector):
             labels=["policy", "arm"],
         )
         with Session(self._db) as session:
-            for name, policy in self._policies.items():
+            for name, policy in dict(self._policies).items():
                 checkpoint = repository.latest_checkpoint(session, name, policy.model_key)
                 position = checkpoint["position"] if checkpoint else 0
                 version.add_metric([name], checkpoint["model_version"] if checkpoint else 0)

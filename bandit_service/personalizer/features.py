@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic_core import PydanticCustomError
 
-from bandit_service.api.features import check_features
+from bandit_service.api.features import check_features, printable
 
 _NOT_NAME = re.compile(r"[^A-Za-z0-9_]")
 
@@ -35,6 +35,7 @@ class FeatureError(ValueError):
     """Features that cannot be converted; ``path`` points into the request."""
 
     def __init__(self, path: str, message: str) -> None:
+        path, message = printable(path), printable(message)  # names may hold lone surrogates
         super().__init__(f"{path}: {message}")
         self.path = path
         self.message = message

@@ -111,8 +111,22 @@ class PersonalizerLoop:
             except PolicyError as exc:
                 raise cfg.ConfigurationError("body", str(exc)) from None
         if new_policy is not None and text is not None and new_policy.version != policy.version:
-            await asyncio.to_thread(cfg.write_policy_file, folder, self.name, text)
-            await self.service.apply_policy(new_policy)
+            try:
+                await asyncio.to_thread(cfg.write_policy_file, folder, self.name, text)
+            except OSError as exc:
+                raise cfg.ConfigurationError(
+                    "body",
+                    f"the policy file {path} cannot be written ({exc.strerror}); the "
+                    "policies folder must be writable by the service to change settings "
+                    "through this API (or edit the policy file and restart)",
+                ) from None
+            try:
+                await self.service.apply_policy(new_policy)
+            except Exception:
+                # Never leave a file behind that the service could not apply (a restart
+                # would fail on it): put the previous content back.
+                await asyncio.to_thread(cfg.write_policy_file, folder, self.name, original)
+                raise
         state = await self._state()
         for key, value in facade.items():
             if value is None:

@@ -66,6 +66,8 @@ class DecisionRow(Base):
         Index("ix_decisions_policy_position", "policy", "position"),
         Index("ix_decisions_user_key", "user_key"),  # delete-user (migration 0005_privacy)
         Index("ix_decisions_candidate_set", "candidate_set"),  # orphaned sets (0005_privacy)
+        # SQLite must never hand a position out twice (migration 0006_sqlite_positions).
+        {"sqlite_autoincrement": True},
     )
 
 

@@ -89,6 +89,13 @@ _REWARD_LOOKUP = select(*[DecisionRow.__table__.c[name] for name in REWARD_LOOKU
 )
 
 
+def decision_policy(session: Session, event_id: str) -> str | None:
+    """The policy of a stored decision, or None."""
+    return session.execute(
+        select(DecisionRow.policy).where(DecisionRow.event_id == event_id)
+    ).scalar_one_or_none()
+
+
 def decision_for_reward(session: Session, event_id: str) -> dict[str, Any] | None:
     """The columns a reward needs (policy, what was shown, when): not the candidates and
     context, whose decoding was most of a reward's cost (they are the bulk of a row)."""

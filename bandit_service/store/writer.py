@@ -143,6 +143,11 @@ class BatchWriter:
         try:
             return self._commit_once(batch)
         except Exception as exc:
+            # The failed commit may have happened after all (a connection lost while
+            # committing): every retry looks its event id up again, so a decision that is
+            # in the store is answered as stored, not refused as a duplicate.
+            for write in batch:
+                write.fresh = False
             if store_unreachable(exc):
                 return self._commit_when_reachable(batch, exc)
             log.warning("batch of %d failed; retrying each write alone", len(batch), exc_info=True)

@@ -229,3 +229,55 @@ def test_routing_and_size_refusals_are_personalizer_shaped(client: TestClient) -
     assert error_of(wrong_method, 405)["code"] == "BadRequest"
     native = client.request("QUERY", "/v1/decisions")
     assert native.status_code == 405 and native.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_lone_surrogates_in_feature_names_are_4xx_on_both_apis(client: TestClient) -> None:
+    """A name that cannot be encoded must not break the error message naming it."""
+    headers = {"content-type": "application/json"}
+    facade = client.post(
+        "/personalizer/v1.0/rank", headers=headers,
+        content=b'{"actions":[{"id":"x","features":[{"\\ud800":1}]}]}',
+    )  # fmt: skip
+    assert "\\ud800" in error_of(facade, 400)["message"]
+    native = client.post(
+        "/v1/decisions", headers=headers,
+        content=b'{"candidates":[{"id":"x"}],"context":{"\\ud800":1}}',
+    )  # fmt: skip
+    assert native.status_code == 422 and "\\ud800" in native.json()["error"]["message"]
+
+
+def test_facade_events_of_another_policy_are_not_found(settings: Settings) -> None:
+    """Event ids are shared with the native API: the facade only reaches its own policy's
+    decisions, and a native decide cannot reuse another policy's event id."""
+    (settings.policies_dir / "other.toml").write_text(
+        (settings.policies_dir / "default.toml").read_text()
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        made = c.post("/v1/decisions", json={"policy": "other", "event_id": "evt-o",
+                                             "candidates": [{"id": "a"}, {"id": "b"}]})  # fmt: skip
+        assert made.status_code == 200
+        for path, body in (("reward", {"value": 1}), ("activate", None)):
+            refused = c.post(f"/personalizer/v1.0/events/evt-o/{path}", json=body)
+            assert error_of(refused, 404)["code"] == "ResourceNotFound"
+        reused = c.post("/v1/decisions", json={"event_id": "evt-o", "candidates": [{"id": "a"}]})
+        assert reused.status_code == 409 and reused.json()["error"]["field"] == "event_id"
+        assert "'other'" not in reused.json()["error"]["message"]  # not named
+        ranked = c.post("/personalizer/v1.0/rank", json={"eventId": "evt-o", "actions": ACTIONS})
+        assert error_of(ranked, 400)["code"] == "InvalidRankRequest"
+        assert c.get("/v1/decisions/evt-o").json()["rewards"] == []
+
+
+def test_configuration_changes_reach_retention_and_bad_vw_options_write_nothing(
+    settings: Settings,
+) -> None:
+    base = "/personalizer/v1.1-preview.3/configurations"
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        service = c.app.state.service  # type: ignore[attr-defined]
+        config = c.get(f"{base}/service").json()
+        assert c.put(f"{base}/service", json={**config, "logRetentionDays": 30}).status_code == 200
+        assert service.retention.policies["default"].retention_days == 30
+        before = (settings.policies_dir / "default.toml").read_text()
+        bogus = c.put(f"{base}/policy", json={"name": "x", "arguments":
+                                             "--cb_explore_adf --bogus_flag"})  # fmt: skip
+        assert "bogus_flag" in error_of(bogus, 400)["message"]
+        assert (settings.policies_dir / "default.toml").read_text() == before

@@ -123,3 +123,40 @@ def test_model_update_seconds_spaces_out_model_swaps(settings: Settings) -> None
             assert registry.get(policy.name).model_version == (2 if second_swap else 1)
     finally:
         db.dispose()
+
+
+def test_the_standalone_trainer_follows_policy_file_changes(tmp_path: Path) -> None:
+    """`bandit-service train` applies a changed policy file (e.g. a configuration PUT on an
+    API process) at its next cycle, as serving processes do; a broken file is not applied."""
+    import logging
+
+    from bandit_service.cli import _policy_follower
+    from bandit_service.policy import PolicyConfig, load_policies
+
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    (folder / "default.toml").write_text('vw_args = "--cb_explore_adf --epsilon 0.1"\n')
+    (folder / "ignored.toml").write_text('vw_args = "--cb_explore_adf"\n')
+    policies = {"default": load_policies(folder)["default"]}
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.applied: list[str] = []
+
+        def set_policy(self, policy: PolicyConfig) -> None:
+            self.applied.append(policy.vw_args)
+
+    trainer = Recorder()
+    follow = _policy_follower(folder, policies, trainer, logging.getLogger("test"))
+    follow()
+    assert trainer.applied == []  # nothing changed
+    path = folder / "default.toml"
+    path.write_text('vw_args = "--cb_explore_adf --epsilon 0.1 -q ua"\n')
+    os.utime(path, ns=(1, 1))  # a distinct mark even within the clock's resolution
+    (folder / "ignored.toml").write_text('vw_args = "--cb_explore_adf -q ua"\n')
+    follow()
+    assert trainer.applied == ["--cb_explore_adf --epsilon 0.1 -q ua"]
+    assert policies["default"].vw_args == "--cb_explore_adf --epsilon 0.1 -q ua"
+    path.write_text('vw_args = "--cb_explore_adf --bogus"\n')
+    follow()
+    assert trainer.applied == ["--cb_explore_adf --epsilon 0.1 -q ua"]  # refused, logged

@@ -158,9 +158,20 @@ async def multislot_rank(body: MultiSlotRankRequest, request: Request) -> Respon
     )
 
 
+async def _loop_event(request: Request, event_id: str) -> str:
+    """The stored id of a decision of the loop's policy; any other event is not found (a
+    facade key must not reach another policy's decisions through a shared event id)."""
+    _check_event_id(event_id)
+    stored_id = internal_event_id(event_id)
+    loop = _loop(request)
+    if await loop.service.decision_policy(stored_id) != loop.policy().name:
+        raise PersonalizerError(404, "ResourceNotFound", f"no event {event_id!r}")
+    return stored_id
+
+
 async def reward(eventId: str, body: RewardRequest, request: Request) -> Response:
-    _check_event_id(eventId)
-    await _service(request).reward(internal_event_id(eventId), body.value, 0, None)
+    stored_id = await _loop_event(request, eventId)
+    await _service(request).reward(stored_id, body.value, 0, None)
     return Response(status_code=204)
 
 
@@ -171,9 +182,8 @@ async def multislot_reward(
 ) -> Response:
     """Rewards per slot id; several calls may each reward some slots. All are checked
     before any is stored."""
-    _check_event_id(eventId)
+    stored_id = await _loop_event(request, eventId)
     service = _service(request)
-    stored_id = internal_event_id(eventId)
     row = await service.get_decision(stored_id)
     index = {s["slot_id"]: s["slot"] for s in row["slots"]}
     for i, r in enumerate(body.reward):
@@ -183,14 +193,22 @@ async def multislot_reward(
                 f"reward[{i}].slotId: slot {r.slotId!r} is not part of event {eventId!r} "
                 f"(slots: {sorted(index)})",
             )  # fmt: skip
+    policy = _loop(request).policy()
+    for i, r in enumerate(body.reward):
+        if not policy.reward_min <= r.value <= policy.reward_max:
+            raise PersonalizerError(
+                400, "InvalidRewardRequest",
+                f"reward[{i}].value: {r.value} is outside the policy's reward bounds "
+                f"[{policy.reward_min:g}, {policy.reward_max:g}]",
+            )  # fmt: skip
     for r in body.reward:
         await service.reward(stored_id, r.value, index[r.slotId], None)
     return Response(status_code=204)
 
 
 async def activate(eventId: str, request: Request) -> Response:
-    _check_event_id(eventId)
-    await _service(request).activate(internal_event_id(eventId))
+    stored_id = await _loop_event(request, eventId)
+    await _service(request).activate(stored_id)
     return Response(status_code=204)
 
 
