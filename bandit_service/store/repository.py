@@ -291,7 +291,7 @@ def training_batch(
             "activated_at": row[8],
             "user_key": row[9],  # opted-out users are not learned from
         }
-        for row in session.execute(query.order_by(_d.position).limit(limit))
+        for row in session.execute(query.order_by(_d.position).limit(limit)).all()
     ]
     if not decisions:
         return decisions
@@ -311,7 +311,7 @@ def training_batch(
         )
         .order_by(r.id)
     )
-    for event_id, slot, value, late, kind, received_at in session.execute(rewards):
+    for event_id, slot, value, late, kind, received_at in session.execute(rewards).all():
         by_event[event_id]["rewards"].append(
             {"slot": slot, "value": value, "late": late, "kind": kind, "received_at": received_at}
         )
