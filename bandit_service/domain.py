@@ -81,6 +81,10 @@ class Decision:
     arm: Arm
     slots: tuple[SlotChoice, ...]
     deferred: bool = False
+    # The context as the learner rendered it for this decision (Vowpal Wabbit text, see
+    # learners/vw_text.render_context), stored so the trainer need not render it again;
+    # None when no learner rendered it (holdout, opted out, all slots pinned).
+    context_line: str | None = None
 
 
 def slot_list(count_or_slots: int | Sequence[Slot]) -> tuple[Slot, ...]:

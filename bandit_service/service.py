@@ -721,6 +721,7 @@ def decision_row(
         "arm": decision.arm,
         "user_key": user_key,
         "context": {} if opted_out else _jsonable(request.context),
+        "context_line": None if opted_out else decision.context_line,  # the trainer's text
         "candidates": [{"id": c.id, "features": _jsonable(c.features)} for c in request.candidates],
         "slots": [_slot_json(c, slot_features.get(c.slot_id, {})) for c in decision.slots],
         "excluded": [] if opted_out else sorted(request.excluded),

@@ -132,6 +132,8 @@ class DecisionEngine:
             arm="opted_out" if opted_out else "holdout" if holdout else "bandit",
             slots=tuple(choices),
             deferred=request.defer,
+            # Learners that render text expose it (see SlotScorer); others do not.
+            context_line=getattr(scorer, "context_line", None),
         )
 
     @staticmethod

@@ -9,7 +9,12 @@ from bandit_service.domain import Candidate
 
 
 class SlotScorer(Protocol):
-    """Scores one request's candidates, slot after slot (rendering is shared across slots)."""
+    """Scores one request's candidates, slot after slot (rendering is shared across slots).
+
+    A scorer may also have a ``context_line`` attribute: the context as it rendered it for
+    the learner (a string once a slot was scored), which the engine passes on to the
+    decision log so the trainer can learn from the same text without rendering it again.
+    """
 
     def pmf(
         self, slot_index: int, slot_features: Mapping[str, Any], eligible: Sequence[int]

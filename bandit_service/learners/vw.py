@@ -165,9 +165,14 @@ class _VWScorer:
         self._learner = learner
         self._context = context
         self._lines = [learner.lines.line(c.id, c.features) for c in candidates]
+        # The context's rendering, made at the first slot and reused by the others; the
+        # service stores it with the decision for the trainer (None: never rendered).
+        self.context_line: str | None = None
 
     def pmf(
         self, slot_index: int, slot_features: Mapping[str, Any], eligible: Sequence[int]
     ) -> list[float]:
-        shared = vw_text.shared_line(self._context, slot_index, slot_features)
+        if self.context_line is None:
+            self.context_line = vw_text.render_context(self._context)
+        shared = vw_text.shared_line_from(self.context_line, slot_index, slot_features)
         return self._learner.predict_lines([shared, *(self._lines[i] for i in eligible)])

@@ -17,8 +17,10 @@ Namespace layout (the first letter is what ``-q``/``--interactions`` refer to):
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
+
+import orjson
 
 from bandit_service.domain import Candidate
 
@@ -124,13 +126,62 @@ def render_namespaces(features: Mapping[str, Any], default_namespace: str) -> st
     return "".join(parts)
 
 
+def render_context(context: Mapping[str, Any]) -> str:
+    """The context's part of every shared line of a decision (`` |context … |user …``, or
+    ``""`` for an empty context). It depends on the features only, not on the policy's VW
+    arguments, so the engine's rendering is stored with the decision (``context_line``)
+    and the trainer learns from it instead of decoding and rendering the context again."""
+    if type(context) is RenderedContext:
+        return context.line
+    return render_namespaces(context, CONTEXT_NAMESPACE)
+
+
 def shared_line(
     context: Mapping[str, Any], slot_index: int, slot_features: Mapping[str, Any]
 ) -> str:
     """The shared (context) line for one slot's decision: context plus the slot's features."""
-    slot_part = render_namespaces(slot_features, SLOT_NAMESPACE)
-    index = f" |{SLOT_NAMESPACE} slot_index={slot_index}"
-    return "shared" + render_namespaces(context, CONTEXT_NAMESPACE) + index + slot_part
+    return shared_line_from(render_context(context), slot_index, slot_features)
+
+
+def shared_line_from(context_line: str, slot_index: int, slot_features: Mapping[str, Any]) -> str:
+    """:func:`shared_line` given the context's rendering (:func:`render_context`)."""
+    slot_part = render_namespaces(slot_features, SLOT_NAMESPACE) if slot_features else ""
+    return f"shared{context_line} |{SLOT_NAMESPACE} slot_index={slot_index}{slot_part}"
+
+
+class RenderedContext(Mapping[str, Any]):
+    """A logged context as the trainer reads it: its stored rendering (``line``, what
+    :func:`render_context` returns for it) and its JSON text, decoded only if someone
+    reads the features (learners other than VW, error messages).
+
+    The rendering was made by the serving engine from the very features stored beside it
+    (JSON keeps every value that renders: numbers exactly, key order, strings), so using
+    it learns the same text, hence the same model, as rendering the decoded context.
+    """
+
+    __slots__ = ("_data", "_json", "line")
+
+    def __init__(self, line: str, json_text: str | bytes) -> None:
+        self.line = line
+        self._json = json_text
+        self._data: dict[str, Any] | None = None
+
+    def _features(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = orjson.loads(self._json)
+        return self._data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._features()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._features())
+
+    def __len__(self) -> int:
+        return len(self._features())
+
+    def __repr__(self) -> str:
+        return f"RenderedContext({self.line!r})"
 
 
 class ActionLineCache:

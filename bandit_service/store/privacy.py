@@ -98,8 +98,9 @@ def set_opt_out(session: Session, user_key: str, opted_out: bool, now: float) ->
 
 
 def scrub_opted_out(session: Session, user_keys: Iterable[str]) -> int:
-    """Empty the context and exclusions of the given users' logged decisions (an opt-out
-    covers what was logged before it too); returns the decisions rewritten."""
+    """Empty the context (and its rendering) and exclusions of the given users' logged
+    decisions (an opt-out covers what was logged before it too); returns the decisions
+    rewritten."""
     keys = sorted(set(user_keys))
     scrubbed = 0
     for start in range(0, len(keys), 1000):
@@ -109,7 +110,7 @@ def scrub_opted_out(session: Session, user_keys: Iterable[str]) -> int:
                 DecisionRow.user_key.in_(keys[start : start + 1000]),
                 DecisionRow.arm != "opted_out",  # those were logged without context
             )
-            .values(context={}, excluded=[])
+            .values(context={}, context_line=None, excluded=[])
             .execution_options(synchronize_session=False)
         )
         scrubbed += int(cast(CursorResult[Any], result).rowcount)

@@ -24,6 +24,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from bandit_service.learners.vw_text import RenderedContext
 from bandit_service.store import compact
 from bandit_service.store.models import (
     CandidateSetRow,
@@ -34,7 +35,11 @@ from bandit_service.store.models import (
     TrainerLeaseRow,
 )
 
-DECISION_COLUMNS = [c.name for c in DecisionRow.__table__.columns if c.name != "position"]
+# ``context_line`` is a rendering of ``context`` for the trainer only, not part of what a
+# decision means: readers get the written shape without it.
+DECISION_COLUMNS = [
+    c.name for c in DecisionRow.__table__.columns if c.name not in ("position", "context_line")
+]
 
 
 def find_decisions(session: Session, event_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -116,6 +121,7 @@ def insert_decisions(session: Session, rows: Sequence[dict[str, Any]]) -> None:
         sets[key] = text
         out = {k: v for k, v in row.items() if k != "candidates"}
         out["candidate_set"] = key
+        out.setdefault("context_line", None)  # rows built without a learner's rendering
         out["slots"] = compact.compact_slots(row["slots"], [c["id"] for c in candidates])
         stored.append(out)
     dialect = session.get_bind().dialect.name
@@ -264,6 +270,7 @@ _d = DecisionRow.__table__.c
 _TRAINING = select(
     _d.position, _d.event_id, _d.arm, cast_(_d.context, Text), _d.candidate_set,
     cast_(_d.slots, Text), _d.created_at, _d.deferred, _d.activated_at, _d.user_key,
+    _d.context_line,
 )  # fmt: skip
 
 
@@ -272,7 +279,10 @@ def training_batch(
 ) -> list[dict[str, Any]]:
     """What the trainer needs of the next ``limit`` decisions after ``position``, with their
     rewards: slots as stored (compact) and the candidate set by key only; the trainer
-    fetches and decodes each distinct set once (:func:`candidate_set_texts`)."""
+    fetches and decodes each distinct set once (:func:`candidate_set_texts`).
+
+    A context stored with its rendering (``context_line``) comes as a
+    :class:`~bandit_service.learners.vw_text.RenderedContext`, decoded only if read."""
     query = _TRAINING.where(_d.policy == policy, _d.position > position)
     loads = orjson.loads
     decisions = [
@@ -280,7 +290,7 @@ def training_batch(
             "position": row[0],
             "event_id": row[1],
             "arm": row[2],
-            "context": loads(row[3]),
+            "context": loads(row[3]) if row[10] is None else RenderedContext(row[10], row[3]),
             "candidate_set": row[4],
             "slots": loads(row[5]),
             "created_at": row[6],
@@ -288,7 +298,7 @@ def training_batch(
             "activated_at": row[8],
             "user_key": row[9],  # opted-out users are not learned from
         }
-        for row in session.execute(query.order_by(_d.position).limit(limit))
+        for row in session.execute(query.order_by(_d.position).limit(limit)).all()
     ]
     if not decisions:
         return decisions
@@ -308,7 +318,7 @@ def training_batch(
         )
         .order_by(r.id)
     )
-    for event_id, slot, value, late, kind, received_at in session.execute(rewards):
+    for event_id, slot, value, late, kind, received_at in session.execute(rewards).all():
         by_event[event_id]["rewards"].append(
             {"slot": slot, "value": value, "late": late, "kind": kind, "received_at": received_at}
         )

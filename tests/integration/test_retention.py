@@ -200,6 +200,13 @@ def test_an_opt_out_reaches_other_serving_processes(settings: Settings, db: Engi
             assert (await a.decide(request("on-a")))["arm"] == "opted_out"
             early = await b.decide(request("on-b-early"))  # B has not refreshed yet
             assert early["arm"] == "bandit" and early["context"] == {"device": "tv"}
+            with Session(db) as session:  # logged with the context's rendering too
+                assert (
+                    session.scalar(
+                        select(DecisionRow.context_line).where(DecisionRow.event_id == "on-b-early")
+                    )
+                    == " |context device=tv"
+                )
             await asyncio.to_thread(b.opt_outs.refresh)
             assert (await b.decide(request("on-b-late")))["arm"] == "opted_out"
         finally:
@@ -210,3 +217,5 @@ def test_an_opt_out_reaches_other_serving_processes(settings: Settings, db: Engi
     with Session(db) as session:
         contexts = dict(session.execute(select(DecisionRow.event_id, DecisionRow.context)).all())
     assert contexts == {"on-a": {}, "on-b-early": {}, "on-b-late": {}}
+    with Session(db) as session:  # the rendering of the context is scrubbed with it
+        assert session.scalars(select(DecisionRow.context_line)).all() == [None] * 3

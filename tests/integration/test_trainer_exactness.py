@@ -1,6 +1,8 @@
 """The trainer's fast path (compact log, candidate sets decoded once, eligible lines rendered
-once) must learn exactly what learning each logged slot one by one through the public
-learner API learns: the same VW model, byte for byte, on SQLite and PostgreSQL."""
+once, contexts learned from the serving engine's stored rendering) must learn exactly what
+learning each logged slot one by one through the public learner API learns: the same VW
+model, byte for byte, on SQLite and PostgreSQL, whether a row has its rendering stored or
+(logged before migration 0006) not."""
 
 from __future__ import annotations
 
@@ -11,18 +13,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from bandit_service.config import Settings
 from bandit_service.domain import Candidate, DecisionRequest, slot_list
+from bandit_service.learners import vw_text
 from bandit_service.learners.vw import VWLearner
 from bandit_service.policy import load_policies
 from bandit_service.rewards import slot_rewards
 from bandit_service.service import DecisionService
 from bandit_service.store import repository
 from bandit_service.store.database import make_engine
-from bandit_service.store.models import CandidateSetRow, ModelCheckpointRow
+from bandit_service.store.models import CandidateSetRow, DecisionRow, ModelCheckpointRow
 from bandit_service.training import PolicyTrainer, TrainerOptions
 
 POLICY = """holdout_share = 0.2
@@ -53,8 +56,21 @@ def _candidates(rng: random.Random) -> tuple[Candidate, ...]:
     )
 
 
-def _log(settings: Settings, count: int) -> None:
+def _context(rng: random.Random, i: int) -> dict[str, Any]:
+    """Odd events list their keys in the order PostgreSQL's JSONB keeps them (shorter keys
+    first), even events in another order: JSONB does not keep the order a context was sent
+    in, so only the stored rendering reproduces what the engine saw for even events."""
+    device, hour = rng.choice(["ios", "android", "web"]), rng.randrange(24)
+    user = {"age": rng.random(), "vip": rng.random() < 0.3}
+    if i % 2:
+        return {"hour": hour, "user": user, "device": device}
+    return {"device": device, "hour": hour, "user": user}
+
+
+def _log(settings: Settings, count: int) -> dict[str, dict[str, Any]]:
+    """Log ``count`` decisions with rewards; returns each event's context as sent."""
     rng = random.Random(11)
+    sent: dict[str, dict[str, Any]] = {}
 
     async def run() -> None:
         service = DecisionService(
@@ -64,6 +80,7 @@ def _log(settings: Settings, count: int) -> None:
         try:
             for i in range(count):
                 candidates = _candidates(rng)
+                sent[f"x-{i}"] = _context(rng, i)
                 row = await service.decide(
                     DecisionRequest(
                         event_id=f"x-{i}",
@@ -72,11 +89,7 @@ def _log(settings: Settings, count: int) -> None:
                         slots=slot_list(2),
                         # Excluding a middle candidate makes the eligible runs non-contiguous.
                         excluded=frozenset({"c2"}) if i % 4 == 0 else frozenset(),
-                        context={
-                            "device": rng.choice(["ios", "android", "web"]),
-                            "hour": rng.randrange(24),
-                            "user": {"age": rng.random(), "vip": rng.random() < 0.3},
-                        },
+                        context=sent[f"x-{i}"],
                         user_id=f"u{i % 7}",
                     )
                 )
@@ -87,11 +100,14 @@ def _log(settings: Settings, count: int) -> None:
             await service.close()
 
     asyncio.run(run())
+    return sent
 
 
-def _reference_model(settings: Settings, vw_args: str, policy: Any) -> bytes:
+def _reference_model(
+    settings: Settings, vw_args: str, policy: Any, sent: dict[str, dict[str, Any]]
+) -> bytes:
     """Learn the log one slot at a time from its classic (written) shape, plain lists of
-    candidates, through the learner's public method."""
+    candidates, and each event's context as sent, through the learner's public method."""
     learner = VWLearner(vw_args)
     engine = make_engine(settings.database_url)
     for batch in repository.iter_decisions(engine, "exact", chunk=17):
@@ -104,7 +120,7 @@ def _reference_model(settings: Settings, vw_args: str, policy: Any) -> bytes:
                 eligible = [Candidate(cid, features[cid]) for cid, _p in slot["pmf"]]
                 chosen = [c.id for c in eligible].index(slot["id"])
                 learner.learn_slot(
-                    decision["context"], slot["slot"], slot["slot_features"], eligible,
+                    sent[decision["event_id"]], slot["slot"], slot["slot_features"], eligible,
                     chosen, slot["probability"], reward,
                 )  # fmt: skip
     engine.dispose()
@@ -154,14 +170,32 @@ def test_trainer_learns_the_same_model_as_slot_by_slot_learning(
 ) -> None:
     (policies_dir / "exact.toml").write_text(POLICY)
     policy = load_policies(policies_dir)["exact"]
-    _log(settings, 80)
+    sent = _log(settings, 80)
     engine = make_engine(settings.database_url)
     with Session(engine) as session:
         sets = session.scalars(select(CandidateSetRow.key)).all()
+        stored = session.execute(
+            select(DecisionRow.event_id, DecisionRow.arm, DecisionRow.context_line)
+        ).all()
     assert len(sets) == 2  # the two catalogues, each stored once
+    # Each bandit decision stores the engine's rendering of the context as sent; holdout
+    # decisions (never learned) store none.
+    assert {arm for _e, arm, _l in stored} == {"bandit", "holdout"}
+    for event_id, arm, line in stored:
+        expected = vw_text.render_context(sent[event_id]) if arm == "bandit" else None
+        assert line == expected
 
-    reference = _reference_model(settings, policy.vw_args, policy)
-    # One trainer from start to end: the same bytes.
+    reference = _reference_model(settings, policy.vw_args, policy, sent)
+    # One trainer from start to end, learning from the stored renderings: the same bytes.
+    assert _train(engine, policy, restart_after=None) == reference
+    # Rows logged before migration 0006 have no rendering: the trainer renders their
+    # decoded context instead (odd events here, whose key order the store keeps).
+    with Session(engine) as session, session.begin():
+        session.execute(
+            update(DecisionRow)
+            .where(DecisionRow.event_id.in_([f"x-{i}" for i in range(1, 80, 2)]))
+            .values(context_line=None)
+        )
     assert _train(engine, policy, restart_after=None) == reference
     # Restarted half-way, resuming from a checkpoint: VW's reload does not restore every
     # running statistic in the file's header byte for byte, but every weight, hence every

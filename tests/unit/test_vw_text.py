@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -168,3 +169,24 @@ def test_eligible_candidates_splice_the_label_like_a_join() -> None:
         lines = [vw_text.action_line(c.id, c.features) for c in candidates]
         lines[chosen] = "0:-1.0:0.25" + lines[chosen]
         assert eligible.labelled(chosen, "0:-1.0:0.25") == "\n".join(lines)
+
+
+def test_a_stored_rendering_is_used_as_is_and_the_features_decode_on_demand() -> None:
+    """The trainer's contexts: the serving engine's rendering plus the JSON it was made from.
+    The shared line is built from the rendering without decoding; learners that read the
+    features (fakes, error messages) still see the logged context."""
+    context = {"device": "ios", "hour": 7, "user": {"age": 0.25, "vip": True}}
+    line = vw_text.render_context(context)
+    assert line == " |context device=ios hour:7 |user age:0.25 vip:1"
+    stored = vw_text.RenderedContext(line, json.dumps(context))
+    for slot, features in ((0, {}), (2, {"pos": "top", "ad": {"size": 3}})):
+        assert vw_text.shared_line(stored, slot, features) == vw_text.shared_line(
+            context, slot, features
+        )
+    assert stored._data is None  # never decoded for the text
+    assert dict(stored) == context and len(stored) == 3 and stored["hour"] == 7
+    # The rendering wins over the JSON: it is what the engine served from.
+    assert vw_text.shared_line(vw_text.RenderedContext(" |context x=1", "{}"), 0, {}) == (
+        "shared |context x=1 |slot slot_index=0"
+    )
+    assert vw_text.render_context({}) == ""
