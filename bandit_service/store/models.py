@@ -50,7 +50,7 @@ class DecisionRow(Base):
     arm: Mapped[str] = mapped_column(String(16), nullable=False)
     user_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
     context: Mapped[Any] = mapped_column(Json, nullable=False)
-    # ``context`` as the serving learner rendered it (VW text; migration 0006_shared_lines),
+    # ``context`` as the serving learner rendered it (VW text; migration 0007_shared_lines),
     # so the trainer skips decoding and rendering it; NULL for rows logged before, holdout
     # and opted-out decisions (the trainer renders ``context`` then, or does not learn).
     context_line: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, select, text
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session
 
 from bandit_service.store import repository
@@ -67,6 +67,14 @@ def test_the_sqlite_migration_starts_above_every_known_position(tmp_path: Any) -
             sql = session.execute(text("SELECT sql FROM sqlite_master WHERE name='decisions'"))
             assert "AUTOINCREMENT" in sql.scalar_one()
         assert got["after"] == 4  # e2's position 3 is gone but a checkpoint covers it
+        with Session(db) as session, session.begin():
+            session.execute(delete(DecisionRow).where(DecisionRow.event_id == "after"))
+        downgrade(url, "0006_sqlite_positions")  # rebuilds the table: the counter stays
+        with Session(db) as session, session.begin():
+            repository.insert_decisions(session, [decision("after-downgrade")])
+        with Session(db) as session:
+            newest = session.scalar(select(func.max(DecisionRow.position)))
+        assert newest == 5
         downgrade(url, "0005_privacy")
         upgrade(url)
     finally:

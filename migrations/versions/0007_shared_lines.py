@@ -7,16 +7,16 @@ Nullable and not backfilled: rows logged before this revision (and holdout or op
 decisions) have NULL there and the trainer renders their ``context`` as before, which
 gives the same text.
 
-Revision ID: 0006_shared_lines
-Revises: 0005_privacy
+Revision ID: 0007_shared_lines
+Revises: 0006_sqlite_positions
 Create Date: 2026-11-22
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006_shared_lines"
-down_revision = "0005_privacy"
+revision = "0007_shared_lines"
+down_revision = "0006_sqlite_positions"
 branch_labels = None
 depends_on = None
 
@@ -26,5 +26,18 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("decisions") as batch:  # SQLite rebuilds the table
+    bind = op.get_bind()
+    high = None
+    if bind.dialect.name == "sqlite":  # the rebuild below must keep the position counter
+        high = bind.execute(
+            sa.text("SELECT seq FROM sqlite_sequence WHERE name = 'decisions'")
+        ).scalar_one_or_none()
+    with op.batch_alter_table(
+        "decisions", table_kwargs={"sqlite_autoincrement": True}
+    ) as batch:  # SQLite rebuilds the table (AUTOINCREMENT kept: 0006_sqlite_positions)
         batch.drop_column("context_line")
+    if high is not None:
+        bind.execute(
+            sa.text("UPDATE sqlite_sequence SET seq = max(seq, :high) WHERE name = 'decisions'"),
+            {"high": int(high)},
+        )
