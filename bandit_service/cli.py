@@ -293,7 +293,6 @@ def _report_lift(args: argparse.Namespace) -> int:
 
 
 def _ope(args: argparse.Namespace) -> int:
-    import json
 
     from bandit_service.ope import evaluate as ope
     from bandit_service.ope.obd import read_action_distribution
@@ -369,6 +368,15 @@ def _ope(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"bandit-service ope: {exc}", file=sys.stderr)
         return 2
+    return _ope_output(args, results, stats)
+
+
+def _ope_output(args: argparse.Namespace, results: list[Any], stats: Any) -> int:
+    """The estimates as JSON or a table, and the chart if asked (both OPE paths)."""
+    import json
+
+    from bandit_service.ope import evaluate as ope
+
     if args.json:
         print(json.dumps({"log": vars(stats), "results": [r.as_dict() for r in results]},
                          indent=2))  # fmt: skip
@@ -384,7 +392,6 @@ def _ope_stream(args: argparse.Namespace, specs: list[str], stats: Any) -> int:
     """Stream the log in chunks (bounded memory): ``--from-file`` CSV/Parquet, JSON lines,
     DSJSON, OBD or ``--policy``. Sweeps, importance, whole pages and an OBD position target
     read it into memory instead."""
-    import json
 
     from bandit_service.ope import evaluate as ope
     from bandit_service.ope import stream, table
@@ -454,15 +461,7 @@ def _ope_stream(args: argparse.Namespace, specs: list[str], stats: Any) -> int:
         for target in targets.values():
             if isinstance(target, ProgressiveVWTarget):
                 target.close()
-    if args.json:
-        print(json.dumps({"log": vars(stats), "results": [r.as_dict() for r in results]},
-                         indent=2))  # fmt: skip
-    else:
-        print(ope.format_table(results, stats))
-    if args.plot:
-        ope.plot(results, args.plot, "off-policy estimates with 95% bootstrap intervals")
-        print(f"plot written to {args.plot}", file=sys.stderr)
-    return 0
+    return _ope_output(args, results, stats)
 
 
 def _ope_sweep(
