@@ -147,11 +147,16 @@ class Catalog:
         with self._refresh_lock, Session(self._db) as session:
             known = self._snapshots
             changed: dict[str, CatalogSnapshot] = {}
-            for policy, (version, updated_at, purged) in store.versions(session).items():
+            stored = store.versions(session)
+            for policy in known.keys() - stored.keys():  # the store was emptied
+                changed[policy] = CatalogSnapshot(policy, 0, None, {})
+            for policy, (version, updated_at, purged) in stored.items():
                 current = known.get(policy)
                 if current is not None and current.version == version:
                     continue
-                if current is None or current.version < purged:
+                # Reload whole when tombstones this process has not seen were purged, or
+                # when the store went back (restored or recreated).
+                if current is None or current.version < purged or current.version > version:
                     items: dict[str, Candidate] = {}
                     rows = store.changes(session, policy, None)
                 else:

@@ -220,10 +220,13 @@ def test_migration_downgrade_removes_the_catalog(empty_database_url: str) -> Non
     upgrade(empty_database_url)
     db = make_engine(empty_database_url)
     try:
-        Catalog(db).upsert("default", ITEMS[:2], allow_identifiers=False)
+        serving = Catalog(db)
+        serving.upsert("default", ITEMS[:2], allow_identifiers=False)
         downgrade(empty_database_url, "0007_shared_lines")
         assert not {"catalog_items", "catalog_versions"} & set(inspect(db).get_table_names())
         upgrade(empty_database_url)
+        assert serving.refresh() == ["default"]  # a process that served it forgets it
+        assert len(serving.snapshot("default")) == 0
         catalog = Catalog(db)
         assert catalog.refresh() == []  # empty again, and usable
         catalog.upsert("default", ITEMS[:1], allow_identifiers=False)
