@@ -42,7 +42,9 @@ from bandit_service.store import compact
 MAX_BATCH_ITEMS = 1000  # items per change request: one transaction, one body
 MAX_CATALOG_ITEMS = 100_000  # live items per policy (each process holds them all)
 TOMBSTONE_SECONDS = 86400.0  # removed items are remembered this long, then purged
-SELECTION_CACHE = 1024  # distinct candidate_ids selections cached per catalog version
+# Selections cached per catalog version: at most this many candidates over all of them
+# (each holds its logged JSON text), e.g. 1,000 selections of 50.
+SELECTION_CACHE_CANDIDATES = 50_000
 
 
 class LoggedCandidates(list[dict[str, Any]]):
@@ -82,6 +84,7 @@ class CatalogSnapshot:
         self.items: dict[str, Candidate] = {k: items[k] for k in sorted(items)}
         self._all: CatalogCandidates | None = None
         self._selections: dict[tuple[str, ...], CatalogCandidates] = {}
+        self._selected = 0  # candidates held by the cached selections
 
     def __len__(self) -> int:
         return len(self.items)
@@ -115,9 +118,11 @@ class CatalogSnapshot:
             seen.add(item_id)
             chosen.append(candidate)
         selection = CatalogCandidates(chosen)
-        if len(self._selections) >= SELECTION_CACHE:
+        if self._selected + len(key) > SELECTION_CACHE_CANDIDATES:
             self._selections.clear()
+            self._selected = 0
         self._selections[key] = selection
+        self._selected += len(key)
         return selection
 
     def describe(self) -> dict[str, Any]:

@@ -233,3 +233,16 @@ def test_migration_downgrade_removes_the_catalog(empty_database_url: str) -> Non
         assert catalog.snapshot("default").version == 1
     finally:
         db.dispose()
+
+
+def test_the_selection_cache_is_bounded(monkeypatch: Any) -> None:
+    """Cached selections hold at most SELECTION_CACHE_CANDIDATES candidates in all; an
+    evicted selection is rebuilt equal (same items, same candidate-set key)."""
+    monkeypatch.setattr(catalog_module, "SELECTION_CACHE_CANDIDATES", 5)
+    snapshot = catalog_module.CatalogSnapshot("p", 1, None, {c.id: c for c in ITEMS})
+    first = snapshot.select(["item-00", "item-01", "item-02"])
+    assert snapshot.select(["item-00", "item-01", "item-02"]) is first
+    snapshot.select(["item-03", "item-04", "item-05"])  # 6 > 5: the cache was emptied first
+    again = snapshot.select(["item-00", "item-01", "item-02"])
+    assert again is not first and again == first
+    assert again.logged.content_key == first.logged.content_key
