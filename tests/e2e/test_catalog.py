@@ -110,6 +110,9 @@ def test_decide_by_ids_logs_the_catalog_features_of_that_moment(client: TestClie
     chosen = decision["slots"][0]["id"]
     reward = ok(client.post("/v1/decisions/e-1/rewards", json={"value": 1}), 201)
     assert reward["id"] == chosen
+    # Explanations read the logged features, as for inline decisions.
+    explained = ok(client.get("/v1/decisions/e-1/explanation"))
+    assert explained["slots"][0]["id"] == chosen
 
 
 def test_whole_catalog_and_inline_requests(client: TestClient) -> None:
