@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from bandit_service.api.auth import Principal, admit_candidates, require
+from bandit_service.api.catalog_decide import catalog_candidates
 from bandit_service.api.json_route import JsonModelRoute
 from bandit_service.api.schemas import (
     EVENT_ID_PATTERN,
@@ -126,7 +127,12 @@ async def decide(
     principal: DecideKey,
     include: Annotated[str | None, Query(pattern="^pmf$")] = None,
 ) -> Response:
-    admit_candidates(principal, body.policy, [c.features for c in body.candidates])
+    candidates: tuple[Candidate, ...]
+    if body.candidates is None or body.candidate_ids is not None:  # the policy's catalog
+        candidates = catalog_candidates(service, principal, body)
+    else:
+        admit_candidates(principal, body.policy, [c.features for c in body.candidates])
+        candidates = tuple(Candidate(id=c.id, features=c.features) for c in body.candidates)
     policy = service.engine.policy(body.policy)
     slots = slot_list(
         policy.slots
@@ -138,7 +144,7 @@ async def decide(
     request = DecisionRequest(
         event_id=body.event_id or new_event_id(),
         policy=body.policy,
-        candidates=tuple(Candidate(id=c.id, features=c.features) for c in body.candidates),
+        candidates=candidates,
         slots=slots,
         context=body.context,
         excluded=frozenset(body.excluded),
