@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from bandit_service.errors import Unavailable
+from bandit_service.errors import NotFound, Unavailable
 from bandit_service.ops import metrics
 from bandit_service.store import repository
 
@@ -190,6 +190,8 @@ class BatchWriter:
         for attempt in (1, 2):
             try:
                 return self._commit_once([write])[0]
+            except NotFound as exc:  # a reward whose decision is gone: 404, not a retry
+                return exc
             except Exception as exc:
                 error = exc
                 log.warning("%s write failed (attempt %d): %s", write.kind, attempt, exc)
@@ -207,6 +209,7 @@ def store_unreachable(exc: BaseException) -> bool:
 def _apply(session: Session, batch: list[_Write], late_margin: float) -> list[Any]:
     """Write one batch inside the caller's transaction; return one outcome per write."""
     decision_ids = [w.payload["event_id"] for w in batch if w.kind == "decision" and not w.fresh]
+    repository.lock_event_ids(session, decision_ids)  # PostgreSQL: event ids stay unique
     stored = repository.find_decisions(session, decision_ids)
     new_decisions: list[dict[str, Any]] = []
     rewards: list[dict[str, Any]] = []
