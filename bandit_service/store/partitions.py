@@ -24,10 +24,11 @@ delete. Creating a range whose rows already sit in the default partition moves t
 (an ``ATTACH`` would otherwise fail its check of the default partition).
 
 Locks. ``ATTACH`` locks the default partition and ``DROP`` the policy's partition
-exclusively, which would queue every later reader and writer of the policy behind any long
-transaction. Both therefore take their locks with ``NOWAIT`` and retry briefly; a drop that
-still cannot get its lock falls back to the batched delete (retention is a promise), a
-creation is tried again at the next run (partitions are made days ahead).
+exclusively; a queued exclusive lock would hold every later reader and writer of the policy
+behind any long transaction. Both therefore wait at most :data:`LOCK_TIMEOUT_MS` per
+attempt and retry a few times; a drop that still cannot get its locks falls back to the
+batched delete (retention is a promise), a creation is tried again at the next run
+(partitions are made days ahead).
 
 Uniqueness. A unique index on a partitioned table must contain the partition key, so
 ``event_id`` is unique by the writer instead (an advisory lock per client-given event id,
@@ -55,7 +56,8 @@ log = logging.getLogger(__name__)
 DAY = 86400.0
 AHEAD_DAYS = 2  # partitions exist for today and the next two days
 MAX_RANGES_PER_POLICY = 31  # retained ranges per policy: bounds look-ups by event id
-LOCK_ATTEMPTS = 40  # NOWAIT attempts, LOCK_PAUSE apart (~2 s), before giving up this time
+LOCK_TIMEOUT_MS = 200  # longest wait for a lock that queues others behind it
+LOCK_ATTEMPTS = 10  # then give up for this run (about 2.5 s in all)
 LOCK_PAUSE = 0.05
 # One maintainer of the partition layout at a time, across processes.
 _LAYOUT_LOCK = 0x62616E646974_01
@@ -143,16 +145,20 @@ def ranges(connection: Connection, table: str, policy: str) -> list[Range]:
     return sorted(found, key=lambda r: r.first_day)
 
 
-def _lock_nowait(connection: Connection, tables: Iterable[str]) -> bool:
-    """Take exclusive locks without queueing (a queued exclusive lock would stall every
-    reader and writer behind it); retries for about two seconds."""
+def _lock(connection: Connection, tables: Iterable[str], mode: str) -> bool:
+    """Lock ``tables`` (each ``ONLY``) in ``mode``, waiting at most :data:`LOCK_TIMEOUT_MS`
+    per attempt: a queued exclusive lock stalls every later reader and writer of the
+    table, so the wait is short and retried (:data:`LOCK_ATTEMPTS` times) rather than long.
+    False if every attempt timed out."""
     names = ", ".join(f"ONLY {t}" for t in tables)
     for attempt in range(LOCK_ATTEMPTS):
         try:
             with connection.begin_nested():
-                connection.execute(text(f"LOCK TABLE {names} IN ACCESS EXCLUSIVE MODE NOWAIT"))
+                connection.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT_MS}ms'"))
+                connection.execute(text(f"LOCK TABLE {names} IN {mode} MODE"))
+                connection.execute(text("SET LOCAL lock_timeout = 0"))
             return True
-        except sa_exc.OperationalError:  # lock_not_available
+        except sa_exc.OperationalError:  # lock_not_available (the timeout)
             if attempt + 1 < LOCK_ATTEMPTS:
                 time.sleep(LOCK_PAUSE)
     return False
@@ -182,7 +188,7 @@ def _create_policy_partitions(connection: Connection, policy: str) -> bool:
     """The policy's partition of each table (with its default), in one transaction."""
     if all(_exists(connection, policy_partition(t, policy)) for t, _ in TABLES):
         return True
-    if not _lock_nowait(connection, [f"{t}_default" for t, _ in TABLES]):
+    if not _lock(connection, [f"{t}_default" for t, _ in TABLES], "ACCESS EXCLUSIVE"):
         return False
     for table, key in TABLES:
         child = policy_partition(table, policy)
@@ -195,7 +201,7 @@ def _create_policy_partitions(connection: Connection, policy: str) -> bool:
 def _create_range(connection: Connection, policy: str, wanted: Range) -> bool:
     """A decisions partition and a rewards partition for one time range, together."""
     parents = [policy_partition(t, policy) for t, _ in TABLES]
-    if not _lock_nowait(connection, [f"{p}_default" for p in parents]):
+    if not _lock(connection, [f"{p}_default" for p in parents], "ACCESS EXCLUSIVE"):
         return False
     for (table, key), parent in zip(TABLES, parents, strict=True):
         child = range_partition(table, policy, wanted.first_day, wanted.end_day)
@@ -284,33 +290,40 @@ def drop_range(engine: Engine, policy: str, expired: Range) -> Dropped | None:
     """Drop one expired range of decisions and their rewards in one short transaction;
     None if the locks could not be had now (the caller deletes the rows instead).
 
-    Rewards of these decisions that sit elsewhere (a reward partition missing for the
-    range: they are in the default one) are deleted in the same transaction, so no reward
-    outlives its decision."""
+    The range's partitions are first locked against writes only (``SHARE``) while their
+    rows are counted and their candidate sets listed; the policy's partitions are locked
+    exclusively only for the ``DROP`` itself, so readers and writers of the policy wait
+    milliseconds, not the length of a scan. If the range had no reward partition, its
+    rewards are in the default partition and are deleted there, so no reward outlives its
+    decision."""
     decisions = range_partition("decisions", policy, expired.first_day, expired.end_day)
     rewards = range_partition("rewards", policy, expired.first_day, expired.end_day)
     with engine.begin() as connection:
         connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LAYOUT_LOCK})
-        parents = [policy_partition(t, policy) for t, _ in TABLES]
-        if not _lock_nowait(connection, parents):
+        present = [t for t in (decisions, rewards) if _exists(connection, t)]
+        if not _lock(connection, present, "SHARE"):
             return None
         result = Dropped(0, 0, [])
-        if _exists(connection, decisions):
+        if decisions in present:
             for key, count in connection.execute(
                 text(f"SELECT candidate_set, count(*) FROM {decisions} GROUP BY candidate_set")
             ):
                 result.candidate_sets.append(key)
                 result.decisions += int(count)
-            connection.execute(text(f"DROP TABLE {decisions}"))
-        if _exists(connection, rewards):
+        if rewards in present:
             result.rewards += int(connection.scalar(text(f"SELECT count(*) FROM {rewards}")) or 0)
-            connection.execute(text(f"DROP TABLE {rewards}"))
-        stray = connection.execute(
-            text(
-                "DELETE FROM rewards WHERE policy = :p "
-                "AND decision_created_at >= :start AND decision_created_at < :end"
-            ),
-            {"p": policy, "start": expired.start, "end": expired.end},
-        )
-        result.rewards += int(stray.rowcount)
+        if not _lock(connection, [policy_partition(t, policy) for t, _ in TABLES],
+                     "ACCESS EXCLUSIVE"):  # fmt: skip
+            return None
+        for table in present:
+            connection.execute(text(f"DROP TABLE {table}"))
+        if rewards not in present:
+            stray = connection.execute(
+                text(
+                    "DELETE FROM rewards WHERE policy = :p "
+                    "AND decision_created_at >= :start AND decision_created_at < :end"
+                ),
+                {"p": policy, "start": expired.start, "end": expired.end},
+            )
+            result.rewards += int(stray.rowcount)
     return result

@@ -5,10 +5,10 @@ PostgreSQL: ``decisions`` and ``rewards`` become partitioned tables, by policy
 decision's ``created_at`` for rewards), each level with a default partition (see
 ``bandit_service/store/partitions.py``). The tables are rebuilt (new tables, rows copied,
 old ones dropped); the sequences behind ``position`` and ``rewards.id`` are kept, so
-positions stay monotonic and are never handed out again. This revision makes each policy
-present in the log a partition holding only a default partition: the rows already logged
-stay there (retention removes them with the batched delete) and the serving processes add
-the time ranges from today on.
+positions stay monotonic and are never handed out again. Each policy present in the log gets
+its partition with one time range holding its whole history (up to today; retention
+deletes from it in batches and drops it once all of it expired) and an empty default
+partition; the serving processes add the daily ranges from today on.
 
 A unique index on a partitioned table must include the partition key, so on PostgreSQL:
 the primary keys become ``(position, policy, created_at)`` and ``(id, policy,
@@ -26,10 +26,12 @@ Revises: 0007_shared_lines
 Create Date: 2026-11-22
 """
 
+import time
+
 import sqlalchemy as sa
 from alembic import op
 
-from bandit_service.store.partitions import policy_partition
+from bandit_service.store.partitions import policy_partition, range_partition
 
 revision = "0008_partitioned_log"
 down_revision = "0007_shared_lines"
@@ -122,10 +124,16 @@ def upgrade() -> None:
         "policy varchar(64) NOT NULL, decision_created_at double precision NOT NULL) "
         "PARTITION BY LIST (policy)"
     )
-    logged = bind.execute(sa.text("SELECT DISTINCT policy FROM decisions_plain")).scalars().all()
+    logged = bind.execute(
+        sa.text(
+            "SELECT policy, floor(min(created_at) / 86400), floor(max(created_at) / 86400) "
+            "FROM decisions_plain GROUP BY policy"
+        )
+    ).all()
+    today = int(time.time() // 86400)
     for table, key in (("decisions", "created_at"), ("rewards", "decision_created_at")):
         op.execute(f"CREATE TABLE {table}_default PARTITION OF {table} DEFAULT")
-        for policy in logged:
+        for policy, first_day, last_day in logged:
             child = policy_partition(table, policy)
             literal = "'" + policy.replace("'", "''") + "'"
             op.execute(
@@ -133,6 +141,13 @@ def upgrade() -> None:
                 f"PARTITION BY RANGE ({key})"
             )
             op.execute(f"CREATE TABLE {child}_default PARTITION OF {child} DEFAULT")
+            # The history in one range, so the default partition starts empty (creating a
+            # range later checks the default partition's every row under an exclusive lock).
+            first, end = int(first_day), max(today, int(last_day) + 1)
+            op.execute(
+                f"CREATE TABLE {range_partition(table, policy, first, end)} PARTITION OF "
+                f"{child} FOR VALUES FROM ({first * 86400.0!r}) TO ({end * 86400.0!r})"
+            )
     op.execute(f"INSERT INTO decisions ({D_COLS}) SELECT {D_COLS} FROM decisions_plain")
     r_cols = ", ".join(f"r.{c}" for c in R_COLS.split(", "))
     op.execute(
