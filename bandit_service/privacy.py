@@ -128,6 +128,7 @@ class RetentionResult:
     batches: int = 0
     seconds: float = 0.0
     partitions_dropped: int = 0  # PostgreSQL: time ranges dropped whole (rows counted above)
+    longest_drop_lock_seconds: float = 0.0  # the policy's log locked exclusively, per drop
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -137,6 +138,7 @@ class RetentionResult:
             "rewards": self.rewards,
             "batches": self.batches,
             "partitions_dropped": self.partitions_dropped,
+            "longest_drop_lock_seconds": round(self.longest_drop_lock_seconds, 6),
             "seconds": round(self.seconds, 6),
         }
 
@@ -193,6 +195,9 @@ class RetentionJob:
                             "instead", expired_range, policy)  # fmt: skip
                 continue
             result.partitions_dropped += 1
+            result.longest_drop_lock_seconds = max(
+                result.longest_drop_lock_seconds, dropped.exclusive_seconds
+            )
             result.decisions += dropped.decisions
             result.rewards += dropped.rewards
             keys = dropped.candidate_sets

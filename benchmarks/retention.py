@@ -118,17 +118,20 @@ def compare_partitions(base: str, expired: int, rounds: int) -> None:
             finally:
                 drop()
             out = {"wall_s": wall, "cpu_s": cpu, "dropped": result.partitions_dropped,
-                   "batches": result.batches}  # fmt: skip
+                   "batches": result.batches,
+                   "lock_ms": result.longest_drop_lock_seconds * 1000}  # fmt: skip
             print(f"round {round_ + 1} {mode}: {out}", flush=True)
             table.append((mode, out))
     print(f"\n{expired} expired decisions + {expired} rewards, {rounds} rounds each")
-    print(f"{'mode':8}{'median wall s':>15}{'median cpu s':>14}{'partitions':>12}{'batches':>9}")
+    print(f"{'mode':8}{'median wall s':>15}{'median cpu s':>14}{'partitions':>12}{'batches':>9}"
+          f"{'longest drop lock ms':>22}")  # fmt: skip
     for mode in ("drop", "delete"):
         runs = [o for m, o in table if m == mode]
         walls = sorted(o["wall_s"] for o in runs)
         cpus = sorted(o["cpu_s"] for o in runs)
         print(f"{mode:8}{walls[len(walls) // 2]:>15.3f}{cpus[len(cpus) // 2]:>14.3f}"
-              f"{runs[0]['dropped']:>12.0f}{runs[0]['batches']:>9.0f}")  # fmt: skip
+              f"{runs[0]['dropped']:>12.0f}{runs[0]['batches']:>9.0f}"
+              f"{max(o['lock_ms'] for o in runs):>22.1f}")  # fmt: skip
 
 
 def postgres_schema_url(base: str) -> tuple[str, Any]:

@@ -278,6 +278,7 @@ class Dropped:
     decisions: int
     rewards: int
     candidate_sets: list[str]
+    exclusive_seconds: float = 0.0  # how long the policy's log was locked for the drop
 
 
 def expired_ranges(connection: Connection, policy: str, cutoff: float) -> list[Range]:
@@ -315,6 +316,7 @@ def drop_range(engine: Engine, policy: str, expired: Range) -> Dropped | None:
         if not _lock(connection, [policy_partition(t, policy) for t, _ in TABLES],
                      "ACCESS EXCLUSIVE"):  # fmt: skip
             return None
+        locked = time.perf_counter()
         for table in present:
             connection.execute(text(f"DROP TABLE {table}"))
         if rewards not in present:
@@ -326,4 +328,5 @@ def drop_range(engine: Engine, policy: str, expired: Range) -> Dropped | None:
                 {"p": policy, "start": expired.start, "end": expired.end},
             )
             result.rewards += int(stray.rowcount)
+    result.exclusive_seconds = time.perf_counter() - locked  # the commit included
     return result
