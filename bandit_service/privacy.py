@@ -161,7 +161,7 @@ class RetentionJob:
     running hourly, exact removal deletes each hour the hour of rows that just expired in
     the current range, so in steady state nearly every row still goes by ``DELETE``; with
     this flag no row of a range partition ever does, and a row lives at most one partition
-    width (a day, or ``retention_days / 31`` for long retentions) beyond its retention.
+    width (``retention_days / 10``, at least a day) beyond its retention.
     Rows in default partitions are still removed exactly.
     """
 

@@ -7,7 +7,7 @@ exactly those rows costs milliseconds, whatever it holds. So on PostgreSQL (migr
 
     decisions                      PARTITION BY LIST (policy)
       decisions_p_<tag>            one per policy, PARTITION BY RANGE (created_at)
-        decisions_p_<tag>_<from>_<to>   one per time range (UTC days; see partition_days)
+        decisions_p_<tag>_<from>_<to>   one per time range (UTC days, see partition_days)
         decisions_p_<tag>_default       anything outside the ranges (a safety net)
       decisions_default            policies without a partition yet (a safety net)
 
@@ -55,7 +55,10 @@ log = logging.getLogger(__name__)
 
 DAY = 86400.0
 AHEAD_DAYS = 2  # partitions exist for today and the next two days
-MAX_RANGES_PER_POLICY = 31  # retained ranges per policy: bounds look-ups by event id
+# Ranges per retention period. A look-up by event id (a decide retry, every reward) cannot
+# be pruned and visits every partition (~30-50 us each, measured: docs/performance.md);
+# whole-partition retention keeps a row up to one range width too long. Ten balances both.
+RANGES_PER_RETENTION = 10
 LOCK_TIMEOUT_MS = 200  # longest wait for a lock that queues others behind it
 LOCK_ATTEMPTS = 10  # then give up for this run (about 2.5 s in all)
 LOCK_PAUSE = 0.05
@@ -72,9 +75,9 @@ def is_partitioned(bind: Engine | Connection) -> bool:
 
 
 def partition_days(retention_days: float) -> int:
-    """Width of a policy's time ranges: a day, or wider for long retentions so that a
-    policy never has more than about :data:`MAX_RANGES_PER_POLICY` of them."""
-    return max(1, math.ceil(retention_days / MAX_RANGES_PER_POLICY))
+    """Width of a policy's time ranges: a tenth of its retention, at least a day, so that
+    a policy keeps about :data:`RANGES_PER_RETENTION` of them (plus those made ahead)."""
+    return max(1, math.ceil(retention_days / RANGES_PER_RETENTION))
 
 
 def policy_partition(table: str, policy: str) -> str:
