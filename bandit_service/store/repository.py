@@ -203,6 +203,12 @@ def lock_event_ids(session: Session, event_ids: Iterable[str]) -> None:
         )
 
 
+def event_id_is_unique_key(session: Session) -> bool:
+    """Does the store refuse a second decision with the same event id by itself? SQLite
+    (a unique index) yes; PostgreSQL's partitioned log cannot have that index."""
+    return session.get_bind().dialect.name != "postgresql"
+
+
 def _event_lock_key(event_id: str) -> int:
     """A signed 64-bit advisory-lock key for an event id (collisions only serialize)."""
     digest = hashlib.blake2b(event_id.encode(), digest_size=8, person=b"event-id").digest()
