@@ -305,9 +305,11 @@ def drop_range(engine: Engine, policy: str, expired: Range) -> Dropped | None:
     with engine.begin() as connection:
         connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LAYOUT_LOCK})
         present = [t for t in (decisions, rewards) if _exists(connection, t)]
+        result = Dropped(0, 0, [])
+        if not present:
+            return result  # another process dropped it meanwhile
         if not _lock(connection, present, "SHARE"):
             return None
-        result = Dropped(0, 0, [])
         if decisions in present:
             for key, count in connection.execute(
                 text(f"SELECT candidate_set, count(*) FROM {decisions} GROUP BY candidate_set")

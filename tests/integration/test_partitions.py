@@ -162,6 +162,9 @@ def test_retention_drops_whole_partitions_and_removes_exactly_the_expired_rows(
     assert set_owners == sorted(expected)  # orphaned candidate sets went too
     again = RetentionJob(pg, policies).run_once(NOW)
     assert [(r.decisions, r.rewards, r.partitions_dropped) for r in again] == [(0, 0, 0)] * 2
+    # Another process dropped a range this one had listed: nothing to do, no error.
+    gone = partitions.Range(cutoff_day - 1, cutoff_day)
+    assert partitions.drop_range(pg, "short", gone) == partitions.Dropped(0, 0, [])
 
 
 def test_whole_partition_mode_keeps_the_cutoff_range_until_it_expires_entirely(
