@@ -7,6 +7,8 @@ one at head with the partitions a month of serving would leave (``--policies`` p
 (``--days`` daily ranges + 2 ahead + defaults)), then times, in alternating rounds:
 
 * ``find``: ``find_decisions`` of one event id (the decide path's look-up),
+* ``missing``: the same for an id not stored (a new decision's look-up; on PostgreSQL
+  also for ids the service generated),
 * ``reward``: ``decision_for_reward`` (the reward path's look-up),
 * ``train``: ``training_batch`` of 2,000 decisions with their rewards (the trainer's read).
 
@@ -85,9 +87,9 @@ def timed(engine: Engine, what: str, ids: list[str], policy: str) -> float:
     calls = 0
     started = time.perf_counter()
     with Session(engine) as session:
-        if what == "find":
+        if what in ("find", "missing"):  # missing: a generated id, not stored yet
             for event_id in ids:
-                repository.find_decisions(session, [event_id])
+                repository.find_decisions(session, [event_id if what == "find" else event_id[::-1]])
                 calls += 1
         elif what == "reward":
             for event_id in ids:
@@ -138,12 +140,12 @@ def main() -> None:
         for round_ in range(args.rounds):
             ids = [d["event_id"] for d in rng.sample(decisions, 300)]
             order = ["plain", "partitioned"] if round_ % 2 == 0 else ["partitioned", "plain"]
-            for what in ("find", "reward", "train"):
+            for what in ("find", "missing", "reward", "train"):
                 for layout in order:
                     seconds = timed(stores[layout][0], what, ids, "policy0")
                     results.setdefault((what, layout), []).append(seconds)
         print(f"\n{'read':8}{'plain ms':>12}{'partitioned ms':>16}{'ratio':>8}")
-        for what in ("find", "reward", "train"):
+        for what in ("find", "missing", "reward", "train"):
             plain = statistics.median(results[(what, "plain")]) * 1000
             parted = statistics.median(results[(what, "partitioned")]) * 1000
             print(f"{what:8}{plain:>12.3f}{parted:>16.3f}{parted / plain:>8.2f}")
