@@ -537,7 +537,8 @@ def _retention(_args: argparse.Namespace) -> int:
     settings = Settings()
     policies = load_policies(settings.policies_dir)
     engine = make_engine(settings.database_url)
-    results = RetentionJob(engine, policies).run_once()
+    job = RetentionJob(engine, policies, whole_partitions=settings.retention_whole_partitions)
+    results = job.run_once()
     engine.dispose()
     for r in results:
         print(f"{r.policy}: removed {r.decisions} decisions and {r.rewards} rewards created "

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     retention_interval_seconds: float = Field(
         default=3600.0, gt=0, description="How often retention (policy retention_days) runs."
     )
+    retention_whole_partitions: bool = Field(
+        default=False,
+        description="PostgreSQL: remove partitioned rows only by dropping whole partitions "
+        "(a row may outlive retention_days by one partition width; see docs/data.md).",
+    )
     user_hash_secret: str | None = Field(
         default=None,
         description="HMAC key for user ids; unset: a random key is made and kept in the store.",

@@ -13,7 +13,10 @@
   opt-out unless asked to keep it. Models already trained stay (they hold weights, not
   rows; see docs/data.md), as for retention.
 * **Retention.** A policy's ``retention_days`` removes older decisions with their rewards,
-  in batches (one short transaction each), periodically in every serving process.
+  periodically in every serving process. On PostgreSQL whole time-range partitions that
+  have expired are dropped (milliseconds, whatever they hold; store/partitions.py); what
+  remains expired (the range the cutoff falls in, default partitions, SQLite) goes in
+  batches of deletes (one short transaction each).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from bandit_service.policy import PolicyConfig
+from bandit_service.store import partitions
 from bandit_service.store import privacy as store
 
 log = logging.getLogger(__name__)
@@ -123,6 +127,8 @@ class RetentionResult:
     rewards: int = 0
     batches: int = 0
     seconds: float = 0.0
+    partitions_dropped: int = 0  # PostgreSQL: time ranges dropped whole (rows counted above)
+    longest_drop_lock_seconds: float = 0.0  # the policy's log locked exclusively, per drop
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -131,6 +137,8 @@ class RetentionResult:
             "decisions": self.decisions,
             "rewards": self.rewards,
             "batches": self.batches,
+            "partitions_dropped": self.partitions_dropped,
+            "longest_drop_lock_seconds": round(self.longest_drop_lock_seconds, 6),
             "seconds": round(self.seconds, 6),
         }
 
@@ -139,22 +147,37 @@ class RetentionResult:
 class RetentionJob:
     """Removes decisions (and their rewards) older than each policy's ``retention_days``.
 
-    Batched deletes (``batch`` decisions per short transaction) on both stores, so the job
-    never holds a long lock over the log and concurrent decisions keep flowing. Several
-    processes may run it at once: deletes are idempotent. Rows the trainer has not learned
-    yet are removed too (retention is a promise to users; a stalled trainer must not extend
-    it), which the validation ``retention_days * 86400 > reward_window_seconds`` makes rare.
+    PostgreSQL first drops every time-range partition of the policy whose rows are all
+    older than the cutoff (store/partitions.py), and creates the partitions the coming days
+    need. Then, on both stores, batched deletes (``batch`` decisions per short transaction)
+    remove what is left of the expired rows, so the job never holds a long lock over the
+    log and concurrent decisions keep flowing. Several processes may run it at once: drops
+    and deletes are idempotent. Rows the trainer has not learned yet are removed too
+    (retention is a promise to users; a stalled trainer must not extend it), which the
+    validation ``retention_days * 86400 > reward_window_seconds`` makes rare.
+
+    ``whole_partitions`` (PostgreSQL; ``BANDIT_RETENTION_WHOLE_PARTITIONS``): remove rows
+    of a time-range partition only by dropping it, once all of them expired. With the job
+    running hourly, exact removal deletes each hour the hour of rows that just expired in
+    the current range, so in steady state nearly every row still goes by ``DELETE``; with
+    this flag no row of a range partition ever does, and a row lives at most one partition
+    width (``retention_days / 10``, at least a day) beyond its retention.
+    Rows in default partitions are still removed exactly.
     """
 
     db: Engine
     policies: Mapping[str, PolicyConfig]
     batch: int = RETENTION_BATCH
+    whole_partitions: bool = False
     last_results: list[RetentionResult] = field(default_factory=list)
 
     def run_once(self, now: float | None = None) -> list[RetentionResult]:
         now = time.time() if now is None else now
         with Session(self.db) as session, session.begin():
             store.forget_undone_opt_outs(session, now - UNDONE_OPT_OUT_KEPT_SECONDS)
+        partitions.ensure(
+            self.db, [(p.name, p.retention_days) for p in self.policies.values()], now
+        )
         results = []
         for policy in self.policies.values():
             if policy.retention_days > 0:
@@ -162,12 +185,44 @@ class RetentionJob:
         self.last_results = results
         return results
 
+    def _drop_partitions(self, policy: str, cutoff: float, result: RetentionResult) -> None:
+        with self.db.connect() as connection:
+            expired = partitions.expired_ranges(connection, policy, cutoff)
+        for expired_range in expired:
+            dropped = partitions.drop_range(self.db, policy, expired_range)
+            if dropped is None:
+                log.warning("retention: partition %s of policy %s is busy; deleting its rows "
+                            "instead", expired_range, policy)  # fmt: skip
+                continue
+            result.partitions_dropped += 1
+            result.longest_drop_lock_seconds = max(
+                result.longest_drop_lock_seconds, dropped.exclusive_seconds
+            )
+            result.decisions += dropped.decisions
+            result.rewards += dropped.rewards
+            keys = dropped.candidate_sets
+            for start in range(0, len(keys), self.batch):  # short transactions
+                with Session(self.db) as session, session.begin():
+                    store.drop_orphaned_sets(session, keys[start : start + self.batch])
+
+    def _kept_ranges(self, policy: str) -> list[tuple[float, float]]:
+        """Whole-partition mode: the time ranges whose rows only a drop removes."""
+        if not (self.whole_partitions and partitions.is_partitioned(self.db)):
+            return []
+        with self.db.connect() as connection:
+            return [(r.start, r.end) for r in partitions.ranges(connection, "decisions", policy)]
+
     def _expire(self, policy: PolicyConfig, cutoff: float) -> RetentionResult:
         result = RetentionResult(policy.name, cutoff)
         started = time.perf_counter()
+        if partitions.is_partitioned(self.db):
+            self._drop_partitions(policy.name, cutoff, result)
+        kept = self._kept_ranges(policy.name)
         while True:
             with Session(self.db) as session, session.begin():
-                decisions, rewards = store.expire_batch(session, policy.name, cutoff, self.batch)
+                decisions, rewards = store.expire_batch(
+                    session, policy.name, cutoff, self.batch, outside=kept
+                )
             result.decisions += decisions
             result.rewards += rewards
             result.batches += 1

@@ -35,7 +35,7 @@ from bandit_service.ops import events
 from bandit_service.policy import PolicyConfig, PolicyError, load_policy_file, policy_file_marks
 from bandit_service.reports.lift import collect_outcomes, lift_report
 from bandit_service.rewards import PRIMARY
-from bandit_service.store import repository
+from bandit_service.store import partitions, repository
 from bandit_service.store.database import check_ready, checkpoint_wal, make_engine
 from bandit_service.store.writer import BatchWriter
 from bandit_service.training import Trainer
@@ -79,7 +79,9 @@ class DecisionService:
         self._user_secret: bytes | None = None
         self.opt_outs = privacy.OptOutRegistry(self.db)  # issue 10
         self.catalog = Catalog(self.db)  # candidate catalogs, refreshed with the models
-        self.retention = privacy.RetentionJob(self.db, self.policies)
+        self.retention = privacy.RetentionJob(
+            self.db, self.policies, whole_partitions=settings.retention_whole_partitions
+        )
         # Called with every policy after a runtime change (apply_policy).
         self.policy_listeners: list[Callable[[Mapping[str, PolicyConfig]], None]] = []
         self.popularity.opted_out = self.opt_outs
@@ -102,6 +104,7 @@ class DecisionService:
         ok, reason = await asyncio.to_thread(check_ready, self.db)
         if ok:
             await asyncio.to_thread(self._load_user_secret)
+            await asyncio.to_thread(self._ensure_partitions, list(self.policies.values()))
             await asyncio.to_thread(self.opt_outs.refresh)
             await asyncio.to_thread(self.catalog.refresh)
             await asyncio.to_thread(self.models.refresh)
@@ -191,12 +194,18 @@ class DecisionService:
         self.engine.policies = {**self.engine.policies, policy.name: policy}
         self.policies = {**self.policies, policy.name: policy}
         self.retention.policies = self.policies  # retention_days may have changed
+        await asyncio.to_thread(self._ensure_partitions, [policy])
         for listener in self.policy_listeners:  # e.g. the /metrics store view
             listener(self.policies)
         if self._trainer is not None:
             self._trainer.set_policy(policy)
         log.info("policy %s: now version %s (model lineage %s)", policy.name, policy.version,
                  policy.model_key)  # fmt: skip
+
+    def _ensure_partitions(self, policies: list[PolicyConfig]) -> None:
+        """PostgreSQL: the log partitions these policies need from today on (the retention
+        job keeps them ahead; a row without one lands in a default partition)."""
+        partitions.ensure(self.db, [(p.name, p.retention_days) for p in policies])
 
     async def _checkpoint_loop(self) -> None:
         while True:

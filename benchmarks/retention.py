@@ -1,13 +1,24 @@
-"""How fast retention removes expired decisions (and their rewards) with batched deletes.
+"""How fast retention removes expired decisions (and their rewards).
 
-For each store and batch size: insert ``--decisions`` decisions of realistic size (10
-candidates x 5 features) with one reward each, half of them older than the policy's
-retention, then run the retention job and time it. The reference in the same run is the
-time to insert the same rows in batches of 1,000 (the machine is shared and noisy: compare
-the ratio, not the seconds). Prints a table and writes a PNG.
+Batched deletes: for each store and batch size, insert ``--decisions`` decisions of
+realistic size (10 candidates x 5 features) with one reward each, half of them older than
+the policy's retention, then run the retention job and time it. The reference in the same
+run is the time to insert the same rows in batches of 1,000 (the machine is shared and
+noisy: compare the ratio, not the seconds). Prints a table and writes a PNG.
 
     .venv/bin/python benchmarks/retention.py --decisions 50000
     .venv/bin/python benchmarks/retention.py --postgres postgresql+psycopg://postgres@127.0.0.1:5432/test
+
+Partition drop vs batched delete (PostgreSQL, ``--compare-partitions``): ``--expired``
+expired decisions (one reward each, created 35-44 days ago, retention 30 days) and a tenth
+as many recent ones, in alternating rounds: with the daily partitions the serving processes
+would have created (retention drops them), and without (every row in the policy's default
+partition: retention deletes them in batches of 5,000, as before partitioning). Times the
+retention run, wall clock and this process's CPU; the database server's work shows in the
+wall clock.
+
+    .venv/bin/python benchmarks/retention.py --compare-partitions --expired 200000 \
+        --postgres postgresql+psycopg://postgres@127.0.0.1:5432/test
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from sqlalchemy.orm import Session
 
 from bandit_service.policy import parse_policy
 from bandit_service.privacy import RetentionJob
-from bandit_service.store import repository
+from bandit_service.store import partitions, repository
 from bandit_service.store.database import make_engine, upgrade
 
 DAY = 86400.0
@@ -71,6 +82,58 @@ def run(url: str, n: int, batch: int) -> dict[str, float]:
     return {"insert_s": insert_seconds, "delete_s": result.seconds, "removed": result.decisions}
 
 
+def compare_partitions(base: str, expired: int, rounds: int) -> None:
+    """Alternating rounds of retention by partition drop and by batched delete."""
+    policy = parse_policy("bench", {"retention_days": 30})
+    now = time.time()
+    table: list[tuple[str, dict[str, float]]] = []
+    for round_ in range(rounds):
+        for mode in ("drop", "delete") if round_ % 2 == 0 else ("delete", "drop"):
+            url, drop = postgres_schema_url(base)
+            try:
+                upgrade(url)
+                engine = make_engine(url)
+                if mode == "drop":  # the daily partitions, made ahead day after day
+                    for back in range(45, -1, -1):
+                        partitions.ensure(engine, [("bench", 30.0)], now - back * DAY)
+                else:
+                    partitions.ensure(engine, [("bench", 0.0)], now)  # default partition only
+                decisions, rewards = rows(expired + expired // 10, now)
+                for i, d in enumerate(decisions):  # expired: 35-44 days old; recent: 1 day
+                    age = 35 + (i % 10) + 0.5 if i < expired else 1.0
+                    d["created_at"] = rewards[i]["received_at"] = now - age * DAY
+                for start in range(0, len(decisions), 1000):
+                    with Session(engine) as session, session.begin():
+                        repository.insert_decisions(session, decisions[start : start + 1000])
+                        repository.insert_rewards(session, rewards[start : start + 1000])
+                with engine.connect() as connection:
+                    connection.execute(text("ANALYZE decisions"))
+                    connection.execute(text("ANALYZE rewards"))
+                job = RetentionJob(engine, {"bench": policy})
+                cpu, wall = time.process_time(), time.perf_counter()
+                (result,) = job.run_once(now)
+                cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+                assert (result.decisions, result.rewards) == (expired, expired), result
+                engine.dispose()
+            finally:
+                drop()
+            out = {"wall_s": wall, "cpu_s": cpu, "dropped": result.partitions_dropped,
+                   "batches": result.batches,
+                   "lock_ms": result.longest_drop_lock_seconds * 1000}  # fmt: skip
+            print(f"round {round_ + 1} {mode}: {out}", flush=True)
+            table.append((mode, out))
+    print(f"\n{expired} expired decisions + {expired} rewards, {rounds} rounds each")
+    print(f"{'mode':8}{'median wall s':>15}{'median cpu s':>14}{'partitions':>12}{'batches':>9}"
+          f"{'longest drop lock ms':>22}")  # fmt: skip
+    for mode in ("drop", "delete"):
+        runs = [o for m, o in table if m == mode]
+        walls = sorted(o["wall_s"] for o in runs)
+        cpus = sorted(o["cpu_s"] for o in runs)
+        print(f"{mode:8}{walls[len(walls) // 2]:>15.3f}{cpus[len(cpus) // 2]:>14.3f}"
+              f"{runs[0]['dropped']:>12.0f}{runs[0]['batches']:>9.0f}"
+              f"{max(o['lock_ms'] for o in runs):>22.1f}")  # fmt: skip
+
+
 def postgres_schema_url(base: str) -> tuple[str, Any]:
     schema = f"bench_{uuid.uuid4().hex[:10]}"
     admin = create_engine(base)
@@ -92,7 +155,19 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1000, 5000, 20000])
     parser.add_argument("--postgres", default=None, help="also measure this PostgreSQL URL")
     parser.add_argument("--png", type=Path, default=Path("benchmarks/retention.png"))
+    parser.add_argument(
+        "--compare-partitions",
+        action="store_true",
+        help="PostgreSQL: partition drop vs batched delete (needs --postgres)",
+    )
+    parser.add_argument("--expired", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.compare_partitions:
+        if not args.postgres:
+            parser.error("--compare-partitions needs --postgres URL")
+        compare_partitions(args.postgres, args.expired, args.rounds)
+        return
     results: list[tuple[str, int, dict[str, float]]] = []
     stores = ["sqlite"] + (["postgres"] if args.postgres else [])
     for store in stores:

@@ -33,6 +33,10 @@ class Base(DeclarativeBase):
 class DecisionRow(Base):
     """One logged decision with everything needed to replay and evaluate it.
 
+    On PostgreSQL the table is partitioned by policy and time (store/partitions.py): its
+    primary key there is ``(position, policy, created_at)`` and ``event_id`` is kept unique
+    by the writer's advisory locks rather than by an index (``lock_event_ids``).
+
     ``position`` is the log position (monotonic per store) that the trainer checkpoints.
     ``candidate_set`` names the request's candidates, stored once in ``candidate_sets``.
     ``slots`` holds, per slot: slot index and id, slot features, chosen id, its probability,
@@ -89,7 +93,12 @@ class CandidateSetRow(Base):
 
 
 class RewardRow(Base):
-    """One reward as received. Aggregation (sum/first/last) happens when read or learned."""
+    """One reward as received. Aggregation (sum/first/last) happens when read or learned.
+
+    The foreign key to ``decisions.event_id`` and the unique ``reward_id`` are SQLite's
+    constraints; on PostgreSQL, where both tables are partitioned (store/partitions.py),
+    ``insert_rewards`` checks the decision and ``reward_id`` is unique with the partition
+    key, which is equivalent (a reward's policy and time are its decision's)."""
 
     __tablename__ = "rewards"
 
@@ -104,6 +113,11 @@ class RewardRow(Base):
     kind: Mapped[str] = mapped_column(String(32), nullable=False, server_default="primary")
     # Idempotency key of the write (a UUID made when the reward was received).
     reward_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    # The decision's policy and time (migration 0008_partitioned_log), filled in by
+    # ``insert_rewards``: on PostgreSQL the rewards are partitioned by them, so a time
+    # range's rewards are dropped with its decisions (store/partitions.py).
+    policy: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    decision_created_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     __table_args__ = (
         Index("ix_rewards_event", "event_id", "id"),

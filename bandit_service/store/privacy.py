@@ -1,15 +1,16 @@
 """Repository functions for issue 10 (rights and retention). None of them commits.
 
-Deletion always removes rewards before their decisions: the foreign key cascades on both
-stores, but counting what went requires deleting them explicitly.
+SQLite: deletion removes rewards before their decisions (the foreign key cascades, but
+counting what went requires deleting them explicitly). PostgreSQL, whose partitioned log
+has no foreign key: decisions first, then their rewards (see :func:`delete_user`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Delete, delete, select, update
+from sqlalchemy import CursorResult, Delete, delete, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -28,7 +29,7 @@ def _deleted(session: Session, statement: Delete) -> int:
     return int(cast(CursorResult[Any], result).rowcount)
 
 
-def _drop_orphaned_sets(session: Session, keys: Iterable[str]) -> int:
+def drop_orphaned_sets(session: Session, keys: Iterable[str]) -> int:
     """Delete the candidate sets among ``keys`` that no decision references any more (a
     set is shared by every decision made over the same candidates). A decision written
     concurrently over a set deleted here fails its foreign key and is retried by the batch
@@ -47,18 +48,52 @@ def _drop_orphaned_sets(session: Session, keys: Iterable[str]) -> int:
     return removed
 
 
+def _partitioned(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _delete_rewards_of(session: Session, event_ids: list[str], *where: Any) -> int:
+    removed = 0
+    for start in range(0, len(event_ids), 1000):  # bounded IN lists
+        chunk = event_ids[start : start + 1000]
+        removed += _deleted(session, delete(RewardRow).where(RewardRow.event_id.in_(chunk), *where))
+    return removed
+
+
 def delete_user(session: Session, user_key: str, *, keep_opt_out: bool) -> dict[str, int]:
-    """Remove every row of one user (by keyed hash); returns rows removed per table."""
-    of_user = select(DecisionRow.event_id).where(DecisionRow.user_key == user_key)
-    sets = session.scalars(
-        select(DecisionRow.candidate_set).where(DecisionRow.user_key == user_key).distinct()
-    ).all()
-    counts = {
-        "rewards": _deleted(session, delete(RewardRow).where(RewardRow.event_id.in_(of_user))),
-        "decisions": _deleted(session, delete(DecisionRow).where(DecisionRow.user_key == user_key)),
-        "user_opt_outs": 0,
-    }
-    counts["candidate_sets"] = _drop_orphaned_sets(session, sets)
+    """Remove every row of one user (by keyed hash); returns rows removed per table.
+
+    PostgreSQL (no foreign key between the partitioned tables): the decisions go first and
+    then their rewards, in that order, so that a reward being written concurrently either
+    waits for this delete and is refused, or is committed before the rewards are deleted
+    (see ``insert_rewards``)."""
+    if _partitioned(session):
+        gone = session.execute(
+            delete(DecisionRow)
+            .where(DecisionRow.user_key == user_key)
+            .returning(DecisionRow.event_id, DecisionRow.candidate_set)
+        ).all()
+        sets = {row.candidate_set for row in gone}
+        counts = {
+            "decisions": len(gone),
+            "rewards": _delete_rewards_of(session, sorted({row.event_id for row in gone})),
+            "user_opt_outs": 0,
+        }
+    else:
+        of_user = select(DecisionRow.event_id).where(DecisionRow.user_key == user_key)
+        sets = set(
+            session.scalars(
+                select(DecisionRow.candidate_set).where(DecisionRow.user_key == user_key).distinct()
+            )
+        )
+        counts = {
+            "rewards": _deleted(session, delete(RewardRow).where(RewardRow.event_id.in_(of_user))),
+            "decisions": _deleted(
+                session, delete(DecisionRow).where(DecisionRow.user_key == user_key)
+            ),
+            "user_opt_outs": 0,
+        }
+    counts["candidate_sets"] = drop_orphaned_sets(session, sets)
     if not keep_opt_out:
         counts["user_opt_outs"] = _deleted(
             session, delete(UserOptOutRow).where(UserOptOutRow.user_key == user_key)
@@ -66,23 +101,52 @@ def delete_user(session: Session, user_key: str, *, keep_opt_out: bool) -> dict[
     return counts
 
 
-def expire_batch(session: Session, policy: str, cutoff: float, limit: int) -> tuple[int, int]:
+def expire_batch(
+    session: Session,
+    policy: str,
+    cutoff: float,
+    limit: int,
+    outside: Sequence[tuple[float, float]] = (),
+) -> tuple[int, int]:
     """Remove up to ``limit`` of a policy's oldest decisions created before ``cutoff``, with
-    their rewards; returns (decisions, rewards) removed. Uses ``ix_decisions_policy_created``."""
+    their rewards; returns (decisions, rewards) removed. Uses ``ix_decisions_policy_created``.
+    Decisions created within one of the ``outside`` time ranges ``[start, end)`` are kept
+    (they go when their whole partition is dropped)."""
+    created = DecisionRow.created_at
     rows = session.execute(
         select(DecisionRow.position, DecisionRow.event_id, DecisionRow.candidate_set)
-        .where(DecisionRow.policy == policy, DecisionRow.created_at < cutoff)
+        .where(
+            DecisionRow.policy == policy,
+            created < cutoff,
+            *[or_(created < start, created >= end) for start, end in outside],
+        )
         .order_by(DecisionRow.created_at)
         .limit(limit)
     ).all()
     if not rows:
         return 0, 0
     event_ids = [r.event_id for r in rows]
-    rewards = _deleted(session, delete(RewardRow).where(RewardRow.event_id.in_(event_ids)))
-    decisions = _deleted(
-        session, delete(DecisionRow).where(DecisionRow.position.in_([r.position for r in rows]))
-    )
-    _drop_orphaned_sets(session, (r.candidate_set for r in rows))
+    positions = [r.position for r in rows]
+    if _partitioned(session):
+        # Decisions first, then their rewards (see delete_user); the policy and time
+        # conditions let PostgreSQL skip every partition but the expired ones.
+        decisions = _deleted(
+            session,
+            delete(DecisionRow).where(
+                DecisionRow.policy == policy,
+                DecisionRow.created_at < cutoff,
+                DecisionRow.position.in_(positions),
+            ),
+        )
+        rewards = _delete_rewards_of(
+            session, event_ids, RewardRow.policy == policy, RewardRow.decision_created_at < cutoff
+        )
+    else:
+        rewards = _deleted(session, delete(RewardRow).where(RewardRow.event_id.in_(event_ids)))
+        decisions = _deleted(
+            session, delete(DecisionRow).where(DecisionRow.position.in_(positions))
+        )
+    drop_orphaned_sets(session, (r.candidate_set for r in rows))
     return decisions, rewards
 
 

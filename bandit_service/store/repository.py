@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
 
@@ -24,6 +25,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from bandit_service.errors import NotFound
 from bandit_service.learners.vw_text import RenderedContext
 from bandit_service.store import compact
 from bandit_service.store.models import (
@@ -136,18 +138,81 @@ def insert_decisions(session: Session, rows: Sequence[dict[str, Any]]) -> None:
 def insert_rewards(session: Session, rows: Sequence[dict[str, Any]]) -> set[str]:
     """Insert rewards; one whose ``reward_id`` is already stored is skipped, so replaying a
     batch whose commit outcome was unknown, or a client retrying with the same idempotency
-    key, cannot count a reward twice. Returns the ``reward_id`` values actually inserted."""
+    key, cannot count a reward twice. Returns the ``reward_id`` values actually inserted.
+
+    Each reward's decision must be stored (else :class:`NotFound`); its policy and time are
+    copied onto the reward. On PostgreSQL, where the partitioned tables have no foreign key
+    (store/partitions.py), the decisions are read ``FOR KEY SHARE`` -- what a foreign key
+    does -- so a concurrent delete-user or retention either waits for this transaction and
+    then removes these rewards too, or commits first and this look-up misses."""
     if not rows:
         return set()
     dialect = session.get_bind().dialect.name
+    decisions = _decisions_of(session, {row["event_id"] for row in rows}, dialect)
+    full = []
+    for row in rows:
+        found = decisions.get(row["event_id"])
+        if found is None:
+            raise NotFound(f"no decision with event id {row['event_id']!r}", "event_id")
+        full.append({**row, "policy": found[0], "decision_created_at": found[1]})
     statement = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(RewardRow)
+    # PostgreSQL: a unique index of a partitioned table includes the partition key.
+    unique = ["reward_id", "policy", "decision_created_at"] if dialect == "postgresql" else None
     inserted = session.execute(
-        statement.on_conflict_do_nothing(index_elements=["reward_id"]).returning(
+        statement.on_conflict_do_nothing(index_elements=unique or ["reward_id"]).returning(
             RewardRow.reward_id
         ),
-        list(rows),
+        full,
     )
     return {row[0] for row in inserted if row[0] is not None}
+
+
+def _decisions_of(
+    session: Session, event_ids: set[str], dialect: str
+) -> dict[str, tuple[str, float]]:
+    """``event_id -> (policy, created_at)`` of the stored decisions among ``event_ids``."""
+    found: dict[str, tuple[str, float]] = {}
+    wanted = sorted(event_ids)
+    for start in range(0, len(wanted), 500):  # bounded IN lists
+        query = select(_d.event_id, _d.policy, _d.created_at).where(
+            _d.event_id.in_(wanted[start : start + 500])
+        )
+        if dialect == "postgresql":
+            query = query.with_for_update(key_share=True)
+        found.update((e, (p, c)) for e, p, c in session.execute(query))
+    return found
+
+
+def lock_event_ids(session: Session, event_ids: Iterable[str]) -> None:
+    """Serialize writers of the same client-given event ids (PostgreSQL), before looking
+    them up: the partitioned log has no unique index on ``event_id`` (its unique indexes
+    must include the partition key), so two transactions could each find an id absent and
+    both insert it. One transaction-scoped advisory lock per id, taken in one sorted order
+    (no deadlock between batches sharing ids). A fresh UUID made by the service needs none.
+    SQLite allows one writer at a time and keeps its unique index."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    keys = sorted({_event_lock_key(e) for e in event_ids})
+    if keys:
+        session.execute(
+            text(
+                "SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) "
+                "WITH ORDINALITY AS t(k, n) ORDER BY n"
+            ),
+            {"keys": keys},
+        )
+
+
+def event_id_is_unique_key(session: Session) -> bool:
+    """Does the store refuse a second decision with the same event id by itself? SQLite
+    (a unique index) yes; PostgreSQL's partitioned log cannot have that index."""
+    return session.get_bind().dialect.name != "postgresql"
+
+
+def _event_lock_key(event_id: str) -> int:
+    """A signed 64-bit advisory-lock key for an event id (collisions only serialize)."""
+    digest = hashlib.blake2b(event_id.encode(), digest_size=8, person=b"event-id").digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def find_rewards(session: Session, reward_ids: Iterable[str]) -> dict[str, dict[str, Any]]:

@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from bandit_service.errors import Unavailable
+from bandit_service.errors import NotFound, Unavailable
 from bandit_service.ops import metrics
 from bandit_service.store import repository
 
@@ -89,7 +89,8 @@ class BatchWriter:
 
         ``fresh``: the service made the event id itself (a random UUID), so the look-up for
         an earlier copy is skipped -- at one request per batch it was a third of the
-        batch's CPU. The primary key still refuses a duplicate (the write is then 503)."""
+        batch's CPU. The unique key still refuses a duplicate on SQLite (the write is then
+        503); PostgreSQL's partitioned log has none, so there the look-up stays."""
         result: DecisionWriteResult = await self._submit("decision", row, fresh)
         return result
 
@@ -190,6 +191,8 @@ class BatchWriter:
         for attempt in (1, 2):
             try:
                 return self._commit_once([write])[0]
+            except NotFound as exc:  # a reward whose decision is gone: 404, not a retry
+                return exc
             except Exception as exc:
                 error = exc
                 log.warning("%s write failed (attempt %d): %s", write.kind, attempt, exc)
@@ -207,6 +210,11 @@ def store_unreachable(exc: BaseException) -> bool:
 def _apply(session: Session, batch: list[_Write], late_margin: float) -> list[Any]:
     """Write one batch inside the caller's transaction; return one outcome per write."""
     decision_ids = [w.payload["event_id"] for w in batch if w.kind == "decision" and not w.fresh]
+    repository.lock_event_ids(session, decision_ids)  # PostgreSQL: event ids stay unique
+    if not repository.event_id_is_unique_key(session):
+        # PostgreSQL's partitioned log has no unique index on event_id to refuse a fresh
+        # id written twice: look those up as well (no lock: one process made each).
+        decision_ids += [w.payload["event_id"] for w in batch if w.kind == "decision" and w.fresh]
     stored = repository.find_decisions(session, decision_ids)
     new_decisions: list[dict[str, Any]] = []
     rewards: list[dict[str, Any]] = []

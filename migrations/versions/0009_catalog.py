@@ -5,7 +5,7 @@ read the changes since their last version see removals); ``catalog_versions`` on
 policy with its current version, the watermark of those reads.
 
 Revision ID: 0009_catalog
-Revises: 0007_shared_lines
+Revises: 0008_partitioned_log
 Create Date: 2026-11-23
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0009_catalog"
-down_revision = "0007_shared_lines"
+down_revision = "0008_partitioned_log"
 branch_labels = None
 depends_on = None
 

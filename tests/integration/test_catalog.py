@@ -223,7 +223,7 @@ def test_migration_downgrade_removes_the_catalog(empty_database_url: str) -> Non
     try:
         serving = Catalog(db)
         serving.upsert("default", ITEMS[:2], allow_identifiers=False)
-        downgrade(empty_database_url, "0007_shared_lines")
+        downgrade(empty_database_url, "0008_partitioned_log")
         assert not {"catalog_items", "catalog_versions"} & set(inspect(db).get_table_names())
         upgrade(empty_database_url)
         assert serving.refresh() == ["default"]  # a process that served it forgets it

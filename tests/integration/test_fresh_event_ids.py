@@ -1,7 +1,9 @@
-"""Decisions whose event id the service generated skip the duplicate look-up; the store's
-unique key must still refuse a second copy, never store it twice. The refused batch is
-retried with look-ups (its first commit may have happened after all, e.g. a connection
-lost while committing), so the write is answered with the stored decision."""
+"""Decisions whose event id the service generated skip the duplicate look-up on SQLite;
+the store's unique key must still refuse a second copy, never store it twice. The refused
+batch is retried with look-ups (its first commit may have happened after all, e.g. a
+connection lost while committing), so the write is answered with the stored decision.
+PostgreSQL's partitioned log has no unique index on event_id, so there they are looked up
+(store/partitions.py)."""
 
 from __future__ import annotations
 
