@@ -152,7 +152,7 @@ class VWLearner:
             lines = tuple(self.lines.line(c.id, c.features) for c in candidates)
         if self.action_examples is not None:
             with self._lock:
-                reusable = self.action_examples.examples(lines)
+                reusable = self.action_examples.examples(lines, shared)
                 if reusable is not None:
                     self._learn_reusing(shared, label, lines[chosen], chosen, reusable)
                     return
@@ -240,9 +240,11 @@ class ActionExamples:
         self.build_after = build_after
         self.review_every = review_every
         self._by_line: dict[str, Any] = {}
-        self._lists: dict[tuple[str, ...], list[Any]] = {}  # [] = never reusable
+        # Kept examples of an eligible set and their namespaces' letters ([]: never).
+        self._lists: dict[tuple[str, ...], tuple[list[Any], frozenset[str]]] = {}
         self._seen: dict[tuple[str, ...], int] = {}
         self._calls = self._served = self._refused = 0
+        self.reused = 0  # events served from kept examples, in all
 
     def __len__(self) -> int:
         return len(self._by_line)
@@ -252,19 +254,33 @@ class ActionExamples:
         self._lists.clear()
         self._seen.clear()
 
-    def examples(self, lines: tuple[str, ...]) -> list[Any] | None:
-        """The kept examples of ``lines``, in order, or None: parse the text this time."""
+    def examples(self, lines: tuple[str, ...], shared: str) -> list[Any] | None:
+        """The kept examples of ``lines``, in order, or None: parse the text this time.
+
+        Also None when ``shared`` has a namespace with the same first letter as one of
+        the action lines' (a nested context namespace ``apple`` and ``action``): VW then
+        merges the shared features into that namespace of each action example and
+        subtracts their squares again afterwards, which in floating point need not give
+        back the namespace's sum of squares exactly. With distinct letters the merged
+        namespaces are removed whole, and the examples are as parsed again."""
         self._calls += 1
         if self._calls >= self.review_every:
             if self._refused > self._served:
                 self.clear()
             self._calls = self._served = self._refused = 0
         found = self._lists.get(lines)
-        if found is not None:
-            if found:
-                self._served += 1
-                return found
+        if found is None:
+            found = self._build(lines)
+            if found is None:
+                return None
+        kept, letters = found
+        if not kept or not letters.isdisjoint(_namespace_letters(shared)):
             return None
+        self._served += 1
+        self.reused += 1
+        return kept
+
+    def _build(self, lines: tuple[str, ...]) -> tuple[list[Any], frozenset[str]] | None:
         seen = self._seen.get(lines, 0) + 1
         if seen < self.build_after:
             if len(self._seen) >= 4 * self.max_examples:
@@ -272,8 +288,10 @@ class ActionExamples:
             self._seen[lines] = seen
             return None
         self._seen.pop(lines, None)
+        if len(self._lists) >= 4 * self.max_examples:  # many subsets of few candidates
+            self._lists.clear()
         if len(set(lines)) != len(lines):
-            self._lists[lines] = []
+            self._lists[lines] = ([], frozenset())
             return None
         missing = [line for line in lines if line not in self._by_line]
         if len(self._by_line) + len(missing) > self.max_examples:
@@ -283,12 +301,16 @@ class ActionExamples:
         for line in missing:
             # Label type 0: the workspace's own label parser, as ``_parse`` uses.
             self._by_line[line] = _pylibvw.example(self._ws, 0, line)
-        found = [self._by_line[line] for line in lines]
-        if len(self._lists) >= 4 * self.max_examples:  # many subsets of few candidates
-            self._lists.clear()
+        letters = frozenset().union(*(_namespace_letters(line) for line in lines))
+        found = ([self._by_line[line] for line in lines], letters)
         self._lists[lines] = found
-        self._served += 1
         return found
+
+
+def _namespace_letters(line: str) -> frozenset[str]:
+    """The first letters of a rendered line's namespaces: what VW indexes them by. Every
+    ``|`` in :mod:`vw_text`'s output starts a namespace (data is escaped)."""
+    return frozenset(part[:1] for part in line.split("|")[1:])
 
 
 class _VWScorer:
