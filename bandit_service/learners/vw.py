@@ -240,8 +240,9 @@ class ActionExamples:
         self.build_after = build_after
         self.review_every = review_every
         self._by_line: dict[str, Any] = {}
-        # Kept examples of an eligible set and their namespaces' letters ([]: never).
-        self._lists: dict[tuple[str, ...], tuple[list[Any], frozenset[str]]] = {}
+        # Kept examples of an eligible set and "|" + each of its namespaces' first
+        # letters ([]: never kept).
+        self._lists: dict[tuple[str, ...], tuple[list[Any], tuple[str, ...]]] = {}
         self._seen: dict[tuple[str, ...], int] = {}
         self._calls = self._served = self._refused = 0
         self.reused = 0  # events served from kept examples, in all
@@ -273,14 +274,14 @@ class ActionExamples:
             found = self._build(lines)
             if found is None:
                 return None
-        kept, letters = found
-        if not kept or not letters.isdisjoint(_namespace_letters(shared)):
+        kept, needles = found
+        if not kept or any(needle in shared for needle in needles):
             return None
         self._served += 1
         self.reused += 1
         return kept
 
-    def _build(self, lines: tuple[str, ...]) -> tuple[list[Any], frozenset[str]] | None:
+    def _build(self, lines: tuple[str, ...]) -> tuple[list[Any], tuple[str, ...]] | None:
         seen = self._seen.get(lines, 0) + 1
         if seen < self.build_after:
             if len(self._seen) >= 4 * self.max_examples:
@@ -291,7 +292,7 @@ class ActionExamples:
         if len(self._lists) >= 4 * self.max_examples:  # many subsets of few candidates
             self._lists.clear()
         if len(set(lines)) != len(lines):
-            self._lists[lines] = ([], frozenset())
+            self._lists[lines] = ([], ())
             return None
         missing = [line for line in lines if line not in self._by_line]
         if len(self._by_line) + len(missing) > self.max_examples:
@@ -302,7 +303,10 @@ class ActionExamples:
             # Label type 0: the workspace's own label parser, as ``_parse`` uses.
             self._by_line[line] = _pylibvw.example(self._ws, 0, line)
         letters = frozenset().union(*(_namespace_letters(line) for line in lines))
-        found = ([self._by_line[line] for line in lines], letters)
+        # "|a" in the shared line: a shared namespace VW indexes like "action" (a substring
+        # search per letter is much cheaper than splitting the shared line each event).
+        needles = tuple(f"|{letter}" for letter in sorted(letters))
+        found = ([self._by_line[line] for line in lines], needles)
         self._lists[lines] = found
         return found
 
