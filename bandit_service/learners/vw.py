@@ -220,12 +220,12 @@ class ActionExamples:
     one event (the same example twice in a batch) always goes the text way.
 
     Costs and bounds: a kept example takes ~31 KB (VW allocates all 256 namespaces) and
-    ~27 µs to build, ~40 times the cost of parsing its line, so an eligible set is built
-    only once it has been seen ``build_after`` times, and at most ``max_examples`` are
-    kept (~32 MB by default). When full, new sets go the text way; every
-    ``review_every`` calls, if more events were refused for lack of room than were
-    served, everything is dropped so that a changed catalogue gets its turn (at most one
-    rebuild per review period, so churn stays bounded).
+    ~27 µs to build, ~40 times the cost of parsing its line, so an eligible set's new
+    examples are built only once it has been seen ``build_after`` times (a few per call),
+    and at most ``max_examples`` are kept (~32 MB by default). When full, new sets go the
+    text way; every ``review_every`` calls, if more events were refused for lack of room
+    than were served, everything is dropped so that a changed catalogue gets its turn (at
+    most one rebuild per review period, so churn stays bounded).
     """
 
     def __init__(
@@ -233,13 +233,15 @@ class ActionExamples:
         workspace: vowpalwabbit.Workspace,
         max_examples: int = 1024,
         build_after: int = 3,
+        build_step: int = 64,
         review_every: int = 5000,
     ) -> None:
         self._ws = workspace
         self.max_examples = max_examples
         self.build_after = build_after
+        self.build_step = build_step
         self.review_every = review_every
-        self._by_line: dict[str, Any] = {}
+        self._by_line: dict[str, tuple[Any, frozenset[str]]] = {}  # example, ns letters
         # Kept examples of an eligible set and "|" + each of its namespaces' first
         # letters ([]: never kept).
         self._lists: dict[tuple[str, ...], tuple[list[Any], tuple[str, ...]]] = {}
@@ -282,33 +284,48 @@ class ActionExamples:
         return kept
 
     def _build(self, lines: tuple[str, ...]) -> tuple[list[Any], tuple[str, ...]] | None:
-        seen = self._seen.get(lines, 0) + 1
-        if seen < self.build_after:
+        """Keep ``lines``' examples once they have been asked for ``build_after`` times,
+        creating at most ``build_step`` new ones a call (a long new set costs no single
+        call more than ~2 ms); a set whose lines are all kept already is listed at once."""
+        by_line = self._by_line
+        missing = [line for line in lines if line not in by_line]
+        if missing:
+            seen = self._seen.get(lines, 0) + 1
             if len(self._seen) >= 4 * self.max_examples:
                 self._seen.clear()
             self._seen[lines] = seen
-            return None
-        self._seen.pop(lines, None)
-        if len(self._lists) >= 4 * self.max_examples:  # many subsets of few candidates
-            self._lists.clear()
+            if seen < self.build_after:
+                return None
+            if len(by_line) + len(missing) > self.max_examples:
+                self._refused += 1
+                return None
+            if len(set(missing)) != len(missing):
+                self._never(lines)
+                return None
+            for line in missing[: self.build_step]:
+                # Label type 0: the workspace's own label parser, as ``_parse`` uses.
+                by_line[line] = (_pylibvw.example(self._ws, 0, line), _namespace_letters(line))
+            if len(missing) > self.build_step:
+                return None
+            del self._seen[lines]
         if len(set(lines)) != len(lines):
-            self._lists[lines] = ([], ())
+            self._never(lines)
             return None
-        missing = [line for line in lines if line not in self._by_line]
-        if len(self._by_line) + len(missing) > self.max_examples:
-            self._refused += 1
-            self._seen[lines] = seen  # asked for again next time
-            return None
-        for line in missing:
-            # Label type 0: the workspace's own label parser, as ``_parse`` uses.
-            self._by_line[line] = _pylibvw.example(self._ws, 0, line)
-        letters = frozenset().union(*(_namespace_letters(line) for line in lines))
+        kept = [by_line[line] for line in lines]
         # "|a" in the shared line: a shared namespace VW indexes like "action" (a substring
         # search per letter is much cheaper than splitting the shared line each event).
-        needles = tuple(f"|{letter}" for letter in sorted(letters))
-        found = ([self._by_line[line] for line in lines], needles)
+        letters = frozenset[str]().union(*(letters for _e, letters in kept))
+        found = ([example for example, _l in kept], tuple(f"|{x}" for x in sorted(letters)))
+        if len(self._lists) >= self.max_examples:  # many subsets of few candidates
+            self._lists.clear()
         self._lists[lines] = found
         return found
+
+    def _never(self, lines: tuple[str, ...]) -> None:
+        """The same line twice in one event: the same example twice in a batch would get
+        the shared features merged twice. Such sets always parse their text."""
+        self._seen.pop(lines, None)
+        self._lists[lines] = ([], ())
 
 
 def _namespace_letters(line: str) -> frozenset[str]:

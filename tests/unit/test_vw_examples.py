@@ -123,7 +123,7 @@ def test_learning_leaves_kept_examples_as_parsed() -> None:
     for event in events[:20]:
         learner.learn_slot(*event)
     assert learner.action_examples is not None
-    kept = list(learner.action_examples._by_line.values())
+    kept = [example for example, _letters in learner.action_examples._by_line.values()]
     assert kept
     before = [_snapshot(e) for e in kept]
     for event in events[20:]:
@@ -148,8 +148,7 @@ def test_bounds_fall_back_to_text_and_a_changed_catalogue_gets_its_turn() -> Non
     assert (
         cache.examples(second, shared) is None and cache.examples(second, shared) is None
     )  # no room
-    assert cache.examples(first[:2], shared) is None  # a subset, not seen enough yet
-    assert cache.examples(first[:2], shared) == kept[:2]  # ... then the same examples, no new ones
+    assert cache.examples(first[:2], shared) == kept[:2]  # a subset: the same examples at once
     assert len(cache) == 4
     twice = (first[0], first[0])
     assert (
@@ -161,5 +160,16 @@ def test_bounds_fall_back_to_text_and_a_changed_catalogue_gets_its_turn() -> Non
     results = [cache.examples(second, shared) for _ in range(12)]
     assert results[:9] == [None] * 9 and results[-1] is not None
     assert len(cache) == 4 and cache.examples(first, shared) is None
+    cache.clear()
+    learner.close()
+
+
+def test_a_long_new_set_is_built_a_few_examples_per_call() -> None:
+    learner = VWLearner("--cb_explore_adf", reuse_examples=False)
+    cache = ActionExamples(learner._ws, build_after=1, build_step=2)
+    lines = tuple(f" |action id=x{i}" for i in range(5))
+    shared = "shared |context x=1"
+    assert [cache.examples(lines, shared) is None for _ in range(3)] == [True, True, False]
+    assert len(cache) == 5
     cache.clear()
     learner.close()
