@@ -103,6 +103,26 @@ class VWLearner:
             finally:
                 _pylibvw.vw._finish_example_multi_ex(self._ws, examples)
 
+    def predict_actions(self, shared: str, actions: tuple[str, ...]) -> list[float]:
+        """:meth:`predict_lines` of ``[shared, *actions]``, from kept examples of the
+        action lines when they are (:class:`ActionExamples`): only the shared line is
+        parsed then. The pmf is the same either way (tests/unit/test_vw_examples.py)."""
+        if self.action_examples is not None:
+            with self._lock:
+                kept = self.action_examples.examples(actions, shared)
+                if kept is not None:
+                    batch = self._ws._parse(shared)
+                    batch.extend(kept)
+                    try:
+                        _pylibvw.vw.predict_multi(self._ws, batch)
+                        return list(batch[0].get_action_scores())
+                    except BaseException:
+                        self.action_examples.clear()  # see _learn_reusing
+                        raise
+                    finally:
+                        _pylibvw.vw._finish_example_multi_ex(self._ws, batch)
+        return self.predict_lines([shared, *actions])
+
     def action_scores(self, lines: list[str]) -> list[float]:
         """The model's score (predicted cost, lower is better) of each action line after the
         shared line ``lines[0]``: VW's per-example partial prediction, before exploration
@@ -241,10 +261,10 @@ class ActionExamples:
         self.build_after = build_after
         self.build_step = build_step
         self.review_every = review_every
-        self._by_line: dict[str, tuple[Any, frozenset[str]]] = {}  # example, ns letters
-        # Kept examples of an eligible set and "|" + each of its namespaces' first
-        # letters ([]: never kept).
-        self._lists: dict[tuple[str, ...], tuple[list[Any], tuple[str, ...]]] = {}
+        self._by_line: dict[str, Any] = {}
+        self._lists: dict[tuple[str, ...], list[Any]] = {}  # kept examples of a set ([]: never)
+        self._letters: frozenset[str] = frozenset()  # first letters of their namespaces
+        self._needles: tuple[str, ...] = ()
         self._seen: dict[tuple[str, ...], int] = {}
         self._calls = self._served = self._refused = 0
         self.reused = 0  # events served from kept examples, in all
@@ -256,12 +276,13 @@ class ActionExamples:
         self._by_line.clear()
         self._lists.clear()
         self._seen.clear()
+        self._letters, self._needles = frozenset(), ()
 
     def examples(self, lines: tuple[str, ...], shared: str) -> list[Any] | None:
         """The kept examples of ``lines``, in order, or None: parse the text this time.
 
         Also None when ``shared`` has a namespace with the same first letter as one of
-        the action lines' (a nested context namespace ``apple`` and ``action``): VW then
+        the kept lines' (a nested context namespace ``apple`` and ``action``): VW then
         merges the shared features into that namespace of each action example and
         subtracts their squares again afterwards, which in floating point need not give
         back the namespace's sum of squares exactly. With distinct letters the merged
@@ -276,14 +297,13 @@ class ActionExamples:
             found = self._build(lines)
             if found is None:
                 return None
-        kept, needles = found
-        if not kept or any(needle in shared for needle in needles):
+        if not found or any(needle in shared for needle in self._needles):
             return None
         self._served += 1
         self.reused += 1
-        return kept
+        return found
 
-    def _build(self, lines: tuple[str, ...]) -> tuple[list[Any], tuple[str, ...]] | None:
+    def _build(self, lines: tuple[str, ...]) -> list[Any] | None:
         """Keep ``lines``' examples once they have been asked for ``build_after`` times,
         creating at most ``build_step`` new ones a call (a long new set costs no single
         call more than ~2 ms); a set whose lines are all kept already is listed at once."""
@@ -304,28 +324,35 @@ class ActionExamples:
                 return None
             for line in missing[: self.build_step]:
                 # Label type 0: the workspace's own label parser, as ``_parse`` uses.
-                by_line[line] = (_pylibvw.example(self._ws, 0, line), _namespace_letters(line))
+                by_line[line] = _pylibvw.example(self._ws, 0, line)
+                self._add_needles(line)
             if len(missing) > self.build_step:
                 return None
             del self._seen[lines]
         if len(set(lines)) != len(lines):
             self._never(lines)
             return None
-        kept = [by_line[line] for line in lines]
-        # "|a" in the shared line: a shared namespace VW indexes like "action" (a substring
-        # search per letter is much cheaper than splitting the shared line each event).
-        letters = frozenset[str]().union(*(letters for _e, letters in kept))
-        found = ([example for example, _l in kept], tuple(f"|{x}" for x in sorted(letters)))
+        found = [by_line[line] for line in lines]
         if len(self._lists) >= self.max_examples:  # many subsets of few candidates
             self._lists.clear()
         self._lists[lines] = found
         return found
 
+    def _add_needles(self, line: str) -> None:
+        """Needles ``"|a"`` for :meth:`examples`: a shared namespace indexed like one of
+        the kept lines' namespaces. Kept for all kept lines together (a substring search
+        per letter is much cheaper than splitting the shared line each event; a letter of
+        any kept line counts, which errs on the side of parsing)."""
+        letters = _namespace_letters(line)
+        if not letters.issubset(self._letters):
+            self._letters |= letters
+            self._needles = tuple(f"|{x}" for x in sorted(self._letters))
+
     def _never(self, lines: tuple[str, ...]) -> None:
         """The same line twice in one event: the same example twice in a batch would get
         the shared features merged twice. Such sets always parse their text."""
         self._seen.pop(lines, None)
-        self._lists[lines] = ([], ())
+        self._lists[lines] = []
 
 
 def _namespace_letters(line: str) -> frozenset[str]:
@@ -353,4 +380,5 @@ class _VWScorer:
         if self.context_line is None:
             self.context_line = vw_text.render_context(self._context)
         shared = vw_text.shared_line_from(self.context_line, slot_index, slot_features)
-        return self._learner.predict_lines([shared, *(self._lines[i] for i in eligible)])
+        lines = self._lines
+        return self._learner.predict_actions(shared, tuple([lines[i] for i in eligible]))

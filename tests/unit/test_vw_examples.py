@@ -82,17 +82,19 @@ def test_kept_examples_learn_the_same_model_as_text(vw_args: str) -> None:
     catalogue = _catalogue(rng, 12)
     events = _events(rng, catalogue, 250)
     kept, text = VWLearner(vw_args), VWLearner(vw_args, reuse_examples=False)
-    probe = [vw_text.shared_line({"device": "ios", "apple": {"w": 1.0}}, 0, {})]
-    probe += [vw_text.action_line(c.id, c.features) for c in catalogue]
+    shared = vw_text.shared_line({"device": "ios", "seen": {"n": 1.0}}, 0, {})
+    actions = tuple(vw_text.action_line(c.id, c.features) for c in catalogue[1:])
     for i, event in enumerate(events):
         kept.learn_slot(*event)
         text.learn_slot(*event)
-        if i % 50 == 0:
-            assert kept.predict_lines(probe) == text.predict_lines(probe)
+        if i % 10 == 0:  # serving's path: kept examples from the third call on
+            assert kept.predict_actions(shared, actions) == text.predict_lines([shared, *actions])
     assert kept.action_examples is not None
-    assert 50 < kept.action_examples.reused < 200  # some events reused, others could not
+    assert 50 < kept.action_examples.reused < 220  # some events reused, others could not
     assert kept.to_bytes() == text.to_bytes()
-    assert kept.predict_lines(probe) == text.predict_lines(probe)
+    reused = kept.action_examples.reused
+    assert kept.predict_actions(shared, actions) == text.predict_lines([shared, *actions])
+    assert kept.action_examples.reused == reused + 1
     kept.close()
     text.close()
 
@@ -123,7 +125,7 @@ def test_learning_leaves_kept_examples_as_parsed() -> None:
     for event in events[:20]:
         learner.learn_slot(*event)
     assert learner.action_examples is not None
-    kept = [example for example, _letters in learner.action_examples._by_line.values()]
+    kept = list(learner.action_examples._by_line.values())
     assert kept
     before = [_snapshot(e) for e in kept]
     for event in events[20:]:
