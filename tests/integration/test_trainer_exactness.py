@@ -145,6 +145,9 @@ def _train(engine: Any, policy: Any, restart_after: int | None) -> bytes:
     second = PolicyTrainer(engine, policy, "b", options, clock=lambda: later)
     while second.step().more:
         pass
+    # The trainers did learn from kept action examples (not only from parsed text).
+    learners = [t.learner for t in (first, second) if isinstance(t.learner, VWLearner)]
+    assert sum(x.action_examples.reused for x in learners if x.action_examples) > 0
     with Session(engine) as session:
         checkpoint = repository.latest_checkpoint(session, "exact", with_model=True)
         session.execute(delete(ModelCheckpointRow))  # the next run starts from scratch
