@@ -11,13 +11,17 @@ alternating rounds so that all three see the same machine load:
   directly, as the learner does): what no trainer written around this VW text
   interface can beat.
 * **VW via learn_slot**: the learner's public per-slot method on plain candidate lists
-  (render + parse + learn): the "VW alone" reference of earlier versions of this script.
+  (cached rendering, kept action examples, learn): the "VW alone" reference of earlier
+  versions of this script, which parsed every line then.
 * **trainer**: read from the store, join rewards, learn, checkpoint (PolicyTrainer.step).
+* **trainer, text only**: the same with ``VWLearner(reuse_examples=False)``: every action
+  line parsed for every event, as before :class:`ActionExamples` (the "before" of that
+  change, measured in the same rounds; the two trainers alternate which runs first).
 
 Each is reported per wall-clock second and per CPU second of this (single-threaded)
 process: on a shared machine the CPU figure is the one-core throughput, the wall figure
 is what this run got. The median of ``--rounds`` is shown, plus the trainer's ratio to
-the floor. Finally it checks that the trainer's model equals learn_slot's, byte for byte.
+the floor. Finally it checks that both trainers' models equal learn_slot's, byte for byte.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from bandit_service.service import decision_row
 from bandit_service.store import repository
 from bandit_service.store.database import make_engine, upgrade
 from bandit_service.store.models import ModelCheckpointRow
-from bandit_service.training import PolicyTrainer, TrainerOptions
+from bandit_service.training import PolicyTrainer, TrainerOptions, vw_learner_factory
 
 Timed = tuple[float, float]  # (wall seconds, CPU seconds)
 
@@ -111,7 +115,9 @@ def main() -> None:
         del rows, rewards, log
         gc.collect()
 
-        results: dict[str, list[Timed]] = {"floor": [], "learn_slot": [], "trainer": []}
+        results: dict[str, list[Timed]] = {
+            "floor": [], "learn_slot": [], "trainer_text": [], "trainer": []
+        }  # fmt: skip
         models: dict[str, bytes] = {}
         for round_ in range(1, args.rounds + 1):
             floor = VWLearner(policy.vw_args)
@@ -119,18 +125,22 @@ def main() -> None:
             public = VWLearner(policy.vw_args)
             results["learn_slot"].append(timed(lambda p=public: [p.learn_slot(*s) for s in slots]))
             models["learn_slot"] = public.to_bytes()
-            with Session(db) as session, session.begin():
-                session.execute(delete(ModelCheckpointRow))
-            trainer = PolicyTrainer(
-                db, policy, "bench", TrainerOptions(batch_events=2000, commit_grace_seconds=0),
-                clock=lambda: 10_000_000.0,
-            )  # fmt: skip
-            results["trainer"].append(timed(lambda t=trainer: _drain(t)))
-            assert trainer.learned_events == len(slots), (trainer.learned_events, len(slots))
-            assert trainer.learner is not None
-            models["trainer"] = trainer.learner.to_bytes()
-            for learner in (floor, public, trainer.learner):  # free each round's workspaces
-                learner.close()  # type: ignore[attr-defined]
+            trainers = ["trainer_text", "trainer"] if round_ % 2 else ["trainer", "trainer_text"]
+            for key in trainers:
+                with Session(db) as session, session.begin():
+                    session.execute(delete(ModelCheckpointRow))
+                trainer = PolicyTrainer(
+                    db, policy, "bench", TrainerOptions(batch_events=2000, commit_grace_seconds=0),
+                    clock=lambda: 10_000_000.0,
+                    learner_factory=_text_only if key == "trainer_text" else vw_learner_factory,
+                )  # fmt: skip
+                results[key].append(timed(lambda t=trainer: _drain(t)))
+                assert trainer.learned_events == len(slots), (trainer.learned_events, len(slots))
+                assert trainer.learner is not None
+                models[key] = trainer.learner.to_bytes()
+                trainer.learner.close()  # type: ignore[attr-defined]
+            for learner in (floor, public):  # free each round's workspaces
+                learner.close()
             rates = ", ".join(f"{k} {len(slots) / v[-1][1]:,.0f}" for k, v in results.items())
             print(f"  round {round_}/{args.rounds}: events/CPU-s {rates}", flush=True)
         db.dispose()
@@ -140,7 +150,8 @@ def main() -> None:
     print(f"{'path':46s} {'events/s (wall)':>16s} {'events/CPU-s':>13s}")
     labels = {
         "floor": "VW floor: parse + learn, text pre-rendered",
-        "learn_slot": "VW via learn_slot (render + parse + learn)",
+        "learn_slot": "VW via learn_slot (kept action examples)",
+        "trainer_text": "trainer, text only (before ActionExamples)",
         "trainer": "trainer: store -> rewards -> learn -> ckpt",
     }
     medians = {}
@@ -153,7 +164,10 @@ def main() -> None:
         f"trainer / floor: {medians['trainer'][0] / medians['floor'][0]:.2f} (wall), "
         f"{medians['trainer'][1] / medians['floor'][1]:.2f} (CPU)"
     )
-    print(f"trainer model == learn_slot model: {models['trainer'] == models['learn_slot']}")
+    speedup = medians["trainer"][1] / medians["trainer_text"][1]
+    print(f"trainer / text-only trainer: {speedup:.2f} (CPU)")
+    for key in ("trainer", "trainer_text"):
+        print(f"{key} model == learn_slot model: {models[key] == models['learn_slot']}")
 
 
 def _text(
@@ -164,6 +178,10 @@ def _text(
     lines += [vw_text.action_line(c.id, c.features) for c in eligible]
     lines[1 + chosen] = f"0:{cost_from_reward(reward)!r}:{probability!r}{lines[1 + chosen]}"
     return "\n".join(lines)
+
+
+def _text_only(vw_args: str, model: bytes | None, version: int) -> VWLearner:
+    return VWLearner(vw_args, model, version, reuse_examples=False)
 
 
 def _drain(trainer: PolicyTrainer) -> None:

@@ -12,7 +12,9 @@ features (20 context features, -q ua), all producing the same pmf:
    per line, then ``ws.predict`` on the list.
 3. What the service does: the same text, parsed by ``ws._parse`` and passed straight to
    pylibvw's ``predict_multi`` (no Python wrapper per line).
-4. Like 3, with the candidate lines rendered once and reused (the service's line cache).
+4. Like 3, with the candidate lines rendered once and reused (the service's line cache),
+   and their parsed examples kept and reused (``ActionExamples``): only the shared line
+   is parsed per prediction. 4t is 4 with every line parsed (``reuse_examples=False``).
 
 Then 1 and 3 again on lines rendered in advance, to separate VW's side from rendering.
 """
@@ -74,6 +76,7 @@ def main() -> None:
     ctx = context(rng)
     ws = vowpalwabbit.Workspace(ARGS)
     learner = VWLearner(ARGS)
+    text_learner = VWLearner(ARGS, reuse_examples=False)
 
     def text_lines() -> list[str]:
         return [vw_text.shared_line(ctx, 0, {})] + [
@@ -110,18 +113,24 @@ def main() -> None:
     def service_cached() -> list[float]:
         return learner.scorer(ctx, pool).pmf(0, {}, list(range(len(pool))))
 
+    def service_cached_text() -> list[float]:
+        return text_learner.scorer(ctx, pool).pmf(0, {}, list(range(len(pool))))
+
     print(f"{'path (50 candidates x 10 features, one prediction)':<62}{'time':>11}")
     reference = timed("1. ws.predict on text lines (public API)", public_text, args.repeat)
     direct = timed("2. pyvw.Example from namespace dicts", direct_examples, args.repeat)
     uncached = timed("3. text parsed straight into pylibvw (service)", service_uncached,
                      args.repeat)  # fmt: skip
-    cached = timed("4. as 3, candidate lines cached (service, warm)", service_cached,
+    cached = timed("4. as 3, lines cached, examples kept (service, warm)", service_cached,
                    args.repeat)  # fmt: skip
+    cached_text = timed("4t. as 4, every line parsed (before kept examples)",
+                        service_cached_text, args.repeat)  # fmt: skip
     print("VW's side alone, on lines rendered in advance:")
     pre_public = timed("1'. ws.predict", public_prerendered, args.repeat)
     pre_service = timed("3'. parsed straight into pylibvw", service_prerendered, args.repeat)
+    others = (direct, uncached, cached, cached_text, pre_public, pre_service)
     same = [max(abs(a - b) for a, b in zip(reference, other, strict=True))
-            for other in (direct, uncached, cached, pre_public, pre_service)]  # fmt: skip
+            for other in others]  # fmt: skip
     print(f"largest pmf difference from path 1: {max(same):.2g}")
 
 

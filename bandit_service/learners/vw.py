@@ -63,12 +63,21 @@ class VWLearner:
     between the event loop and a training thread.
     """
 
-    def __init__(self, vw_args: str, model_bytes: bytes | None = None, model_version: int = 0):
+    def __init__(
+        self,
+        vw_args: str,
+        model_bytes: bytes | None = None,
+        model_version: int = 0,
+        reuse_examples: bool = True,
+    ):
+        """``reuse_examples=False`` parses every action line for every learned event (the
+        text path :class:`ActionExamples` is checked against; benchmarks compare both)."""
         self.vw_args = vw_args
         self.model_version = model_version
         self._lock = threading.Lock()
         self._ws = self._workspace(vw_args, model_bytes)
         self.lines = vw_text.ActionLineCache()
+        self.action_examples = ActionExamples(self._ws) if reuse_examples else None
 
     @staticmethod
     def _workspace(vw_args: str, model_bytes: bytes | None) -> vowpalwabbit.Workspace:
@@ -93,6 +102,26 @@ class VWLearner:
                 return list(examples[0].get_action_scores())
             finally:
                 _pylibvw.vw._finish_example_multi_ex(self._ws, examples)
+
+    def predict_actions(self, shared: str, actions: tuple[str, ...]) -> list[float]:
+        """:meth:`predict_lines` of ``[shared, *actions]``, from kept examples of the
+        action lines when they are (:class:`ActionExamples`): only the shared line is
+        parsed then. The pmf is the same either way (tests/unit/test_vw_examples.py)."""
+        if self.action_examples is not None:
+            with self._lock:
+                kept = self.action_examples.examples(actions, shared)
+                if kept is not None:
+                    batch = self._ws._parse(shared)
+                    batch.extend(kept)
+                    try:
+                        _pylibvw.vw.predict_multi(self._ws, batch)
+                        return list(batch[0].get_action_scores())
+                    except BaseException:
+                        self.action_examples.clear()  # see _learn_reusing
+                        raise
+                    finally:
+                        _pylibvw.vw._finish_example_multi_ex(self._ws, batch)
+        return self.predict_lines([shared, *actions])
 
     def action_scores(self, lines: list[str]) -> list[float]:
         """The model's score (predicted cost, lower is better) of each action line after the
@@ -136,13 +165,43 @@ class VWLearner:
         shared = vw_text.shared_line(context, slot_index, slot_features)
         # The label goes in front of the chosen candidate's line: "0:cost:probability |…".
         label = f"0:{cost_from_reward(reward)!r}:{probability!r}"
-        if isinstance(candidates, vw_text.EligibleCandidates):
-            self.learn_text(f"{shared}\n{candidates.labelled(chosen, label)}")
+        eligible = isinstance(candidates, vw_text.EligibleCandidates)
+        if eligible:
+            lines = candidates.lines()  # type: ignore[attr-defined]
+        else:
+            lines = tuple(self.lines.line(c.id, c.features) for c in candidates)
+        if self.action_examples is not None:
+            with self._lock:
+                reusable = self.action_examples.examples(lines, shared)
+                if reusable is not None:
+                    self._learn_reusing(shared, label, lines[chosen], chosen, reusable)
+                    return
+        if eligible:
+            self.learn_text(f"{shared}\n{candidates.labelled(chosen, label)}")  # type: ignore[attr-defined]
             return
-        lines = [shared]
-        lines.extend(self.lines.line(c.id, c.features) for c in candidates)
-        lines[1 + chosen] = label + lines[1 + chosen]
-        self.learn_lines(lines)
+        labelled = list(lines)
+        labelled[chosen] = label + labelled[chosen]
+        self.learn_text("\n".join((shared, *labelled)))
+
+    def _learn_reusing(
+        self, shared: str, label: str, chosen_line: str, chosen: int, actions: list[Any]
+    ) -> None:
+        """Learn from the shared line and the labelled chosen line, parsed now, and the
+        other candidates' examples parsed earlier (:class:`ActionExamples`): the same
+        examples, in the same order, as parsing the whole text. Caller holds the lock."""
+        fresh = self._ws._parse(f"{shared}\n{label}{chosen_line}")
+        batch = [fresh[0], *actions]
+        batch[1 + chosen] = fresh[1]
+        try:
+            _pylibvw.vw.learn_multi(self._ws, batch)
+        except BaseException:
+            # VW may have stopped between adding the shared features to the kept
+            # examples and removing them again: never reuse them.
+            if self.action_examples is not None:
+                self.action_examples.clear()
+            raise
+        finally:
+            _pylibvw.vw._finish_example_multi_ex(self._ws, batch)
 
     def to_bytes(self) -> bytes:
         with self._lock, tempfile.TemporaryDirectory() as folder:
@@ -153,7 +212,153 @@ class VWLearner:
 
     def close(self) -> None:
         with self._lock:
+            if self.action_examples is not None:
+                self.action_examples.clear()
             self._ws.finish()
+
+
+class ActionExamples:
+    """Candidates' action lines parsed once into VW examples that are reused by every
+    learned event offering the same eligible lines.
+
+    Why: parsing the ~50 action lines of an event is about half of VW's own cost per
+    learned event, yet for a given eligible set they are the same text every time; only
+    the shared line and the label differ. The shared line and the labelled chosen line are
+    still parsed per event; the others come from here.
+
+    Why it is exact: the examples are parsed by VW itself from the very text the text path
+    parses (``pylibvw.example(ws, label_type, line)``: ``read_line`` + ``setup_example``,
+    as ``_parse`` does), so hashing, values, the constant feature and interactions are
+    VW's own. They are allocated outside VW's example pool, so finishing a multi-line
+    example leaves them alone (VW returns only pool examples to the pool), and learning
+    leaves them as parsed: VW's shared-feature merger appends the shared line's features
+    for the duration of a learn and truncates them afterwards, and ``cb_adf`` restores
+    the weight it scales. ``tests/unit/test_vw_examples.py`` checks the resulting models
+    byte for byte against the text path for many reductions, including namespaces that
+    collide with ``action``'s first letter, and that a kept example is unchanged by
+    learning. Unlabelled action lines are the only ones kept; a line appearing twice in
+    one event (the same example twice in a batch) always goes the text way.
+
+    Costs and bounds: a kept example takes ~31 KB (VW allocates all 256 namespaces) and
+    ~27 µs to build, ~40 times the cost of parsing its line, so an eligible set's new
+    examples are built only once it has been seen ``build_after`` times (a few per call),
+    and at most ``max_examples`` are kept (~32 MB by default). When full, new sets go the
+    text way; every ``review_every`` calls, if more events were refused for lack of room
+    than were served, everything is dropped so that a changed catalogue gets its turn (at
+    most one rebuild per review period, so churn stays bounded).
+    """
+
+    def __init__(
+        self,
+        workspace: vowpalwabbit.Workspace,
+        max_examples: int = 1024,
+        build_after: int = 3,
+        build_step: int = 64,
+        review_every: int = 5000,
+    ) -> None:
+        self._ws = workspace
+        self.max_examples = max_examples
+        self.build_after = build_after
+        self.build_step = build_step
+        self.review_every = review_every
+        self._by_line: dict[str, Any] = {}
+        self._lists: dict[tuple[str, ...], list[Any]] = {}  # kept examples of a set ([]: never)
+        self._letters: frozenset[str] = frozenset()  # first letters of their namespaces
+        self._needles: tuple[str, ...] = ()
+        self._seen: dict[tuple[str, ...], int] = {}
+        self._calls = self._served = self._refused = 0
+        self.reused = 0  # events served from kept examples, in all
+
+    def __len__(self) -> int:
+        return len(self._by_line)
+
+    def clear(self) -> None:
+        self._by_line.clear()
+        self._lists.clear()
+        self._seen.clear()
+        self._letters, self._needles = frozenset(), ()
+
+    def examples(self, lines: tuple[str, ...], shared: str) -> list[Any] | None:
+        """The kept examples of ``lines``, in order, or None: parse the text this time.
+
+        Also None when ``shared`` has a namespace with the same first letter as one of
+        the kept lines' (a nested context namespace ``apple`` and ``action``): VW then
+        merges the shared features into that namespace of each action example and
+        subtracts their squares again afterwards, which in floating point need not give
+        back the namespace's sum of squares exactly. With distinct letters the merged
+        namespaces are removed whole, and the examples are as parsed again."""
+        self._calls += 1
+        if self._calls >= self.review_every:
+            if self._refused > self._served:
+                self.clear()
+            self._calls = self._served = self._refused = 0
+        found = self._lists.get(lines)
+        if found is None:
+            found = self._build(lines)
+            if found is None:
+                return None
+        if not found or any(needle in shared for needle in self._needles):
+            return None
+        self._served += 1
+        self.reused += 1
+        return found
+
+    def _build(self, lines: tuple[str, ...]) -> list[Any] | None:
+        """Keep ``lines``' examples once they have been asked for ``build_after`` times,
+        creating at most ``build_step`` new ones a call (a long new set costs no single
+        call more than ~2 ms); a set whose lines are all kept already is listed at once."""
+        by_line = self._by_line
+        missing = [line for line in lines if line not in by_line]
+        if missing:
+            seen = self._seen.get(lines, 0) + 1
+            if len(self._seen) >= 4 * self.max_examples:
+                self._seen.clear()
+            self._seen[lines] = seen
+            if seen < self.build_after:
+                return None
+            if len(by_line) + len(missing) > self.max_examples:
+                self._refused += 1
+                return None
+            if len(set(missing)) != len(missing):
+                self._never(lines)
+                return None
+            for line in missing[: self.build_step]:
+                # Label type 0: the workspace's own label parser, as ``_parse`` uses.
+                by_line[line] = _pylibvw.example(self._ws, 0, line)
+                self._add_needles(line)
+            if len(missing) > self.build_step:
+                return None
+            del self._seen[lines]
+        if len(set(lines)) != len(lines):
+            self._never(lines)
+            return None
+        found = [by_line[line] for line in lines]
+        if len(self._lists) >= self.max_examples:  # many subsets of few candidates
+            self._lists.clear()
+        self._lists[lines] = found
+        return found
+
+    def _add_needles(self, line: str) -> None:
+        """Needles ``"|a"`` for :meth:`examples`: a shared namespace indexed like one of
+        the kept lines' namespaces. Kept for all kept lines together (a substring search
+        per letter is much cheaper than splitting the shared line each event; a letter of
+        any kept line counts, which errs on the side of parsing)."""
+        letters = _namespace_letters(line)
+        if not letters.issubset(self._letters):
+            self._letters |= letters
+            self._needles = tuple(f"|{x}" for x in sorted(self._letters))
+
+    def _never(self, lines: tuple[str, ...]) -> None:
+        """The same line twice in one event: the same example twice in a batch would get
+        the shared features merged twice. Such sets always parse their text."""
+        self._seen.pop(lines, None)
+        self._lists[lines] = []
+
+
+def _namespace_letters(line: str) -> frozenset[str]:
+    """The first letters of a rendered line's namespaces: what VW indexes them by. Every
+    ``|`` in :mod:`vw_text`'s output starts a namespace (data is escaped)."""
+    return frozenset(part[:1] for part in line.split("|")[1:])
 
 
 class _VWScorer:
@@ -175,4 +380,5 @@ class _VWScorer:
         if self.context_line is None:
             self.context_line = vw_text.render_context(self._context)
         shared = vw_text.shared_line_from(self.context_line, slot_index, slot_features)
-        return self._learner.predict_lines([shared, *(self._lines[i] for i in eligible)])
+        lines = self._lines
+        return self._learner.predict_actions(shared, tuple([lines[i] for i in eligible]))

@@ -234,19 +234,28 @@ class EligibleCandidates(tuple[Candidate, ...]):
     """
 
     position: dict[str, int]
+    _lines: tuple[str, ...] | None
     _block: tuple[str, list[int]] | None
 
     def __new__(cls, candidates: Iterable[Candidate]) -> EligibleCandidates:
         self = super().__new__(cls, candidates)
         self.position = {c.id: i for i, c in enumerate(self)}
+        self._lines = None
         self._block = None
         return self
+
+    def lines(self) -> tuple[str, ...]:
+        """The candidates' action lines (:func:`action_line`), rendered once; the tuple
+        is also the key under which the learner keeps their parsed examples."""
+        if self._lines is None:
+            self._lines = tuple(action_line(c.id, c.features) for c in self)
+        return self._lines
 
     def labelled(self, chosen: int, label: str) -> str:
         """The action lines joined by newlines, ``label`` in front of line ``chosen``: the
         same text as labelling :func:`action_line` output and joining it."""
         if self._block is None:
-            lines = [action_line(c.id, c.features) for c in self]
+            lines = self.lines()
             starts, at = [], 0
             for line in lines:
                 starts.append(at)

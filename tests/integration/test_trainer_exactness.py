@@ -1,8 +1,9 @@
 """The trainer's fast path (compact log, candidate sets decoded once, eligible lines rendered
-once, contexts learned from the serving engine's stored rendering) must learn exactly what
-learning each logged slot one by one through the public learner API learns: the same VW
-model, byte for byte, on SQLite and PostgreSQL, whether a row has its rendering stored or
-(logged before migration 0006) not."""
+once and parsed once into kept VW examples, contexts learned from the serving engine's
+stored rendering) must learn exactly what learning each logged slot one by one through
+the public learner API, parsing its text, learns: the same VW model, byte for byte, on
+SQLite and PostgreSQL, whether a row has its rendering stored or (logged before migration
+0006) not."""
 
 from __future__ import annotations
 
@@ -107,8 +108,9 @@ def _reference_model(
     settings: Settings, vw_args: str, policy: Any, sent: dict[str, dict[str, Any]]
 ) -> bytes:
     """Learn the log one slot at a time from its classic (written) shape, plain lists of
-    candidates, and each event's context as sent, through the learner's public method."""
-    learner = VWLearner(vw_args)
+    candidates, and each event's context as sent, through the learner's public method,
+    parsing every line's text (the trainer reuses parsed action examples instead)."""
+    learner = VWLearner(vw_args, reuse_examples=False)
     engine = make_engine(settings.database_url)
     for batch in repository.iter_decisions(engine, "exact", chunk=17):
         for decision in batch:
@@ -143,6 +145,9 @@ def _train(engine: Any, policy: Any, restart_after: int | None) -> bytes:
     second = PolicyTrainer(engine, policy, "b", options, clock=lambda: later)
     while second.step().more:
         pass
+    # The trainers did learn from kept action examples (not only from parsed text).
+    learners = [t.learner for t in (first, second) if isinstance(t.learner, VWLearner)]
+    assert sum(x.action_examples.reused for x in learners if x.action_examples) > 0
     with Session(engine) as session:
         checkpoint = repository.latest_checkpoint(session, "exact", with_model=True)
         session.execute(delete(ModelCheckpointRow))  # the next run starts from scratch
