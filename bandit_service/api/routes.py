@@ -11,7 +11,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from bandit_service.api.auth import Principal, admit_candidates, require
-from bandit_service.api.json_route import JsonModelRoute
+from bandit_service.api.fast_body import FastDecision, decode_decision
+from bandit_service.api.json_route import JsonModelRoute, fast_path
 from bandit_service.api.schemas import (
     EVENT_ID_PATTERN,
     ActivationOut,
@@ -107,24 +108,34 @@ def decision_out(row: dict[str, Any], include_pmf: bool) -> dict[str, Any]:
     }
 
 
-@router.post(
-    "/v1/decisions",
-    response_model=DecisionOut,
-    responses=ERRORS,
-    summary="Decide which candidates fill which ranked slots",
-    description=(
-        "Each slot is a contextual-bandit draw over the candidates still eligible; the "
-        "response gives, per slot, the chosen candidate and the exact probability it was "
-        "drawn with. The decision is durably logged before the response is sent. Repeating "
-        "a known `event_id` returns the logged decision unchanged. `?include=pmf` adds each "
-        "slot's full distribution."
-    ),
-)
-async def decide(
-    body: DecisionIn,
-    service: ServiceDep,
-    principal: DecideKey,
-    include: Annotated[str | None, Query(pattern="^pmf$")] = None,
+_DECIDE = require("decide")
+_JSON = "application/json"
+
+
+async def decide_fast(request: Request) -> Response | None:
+    """``decide`` for the common request, without FastAPI's dependency solving and with the
+    body decoded by msgspec (``api/fast_body.py``): about a third less CPU per decision.
+    Anything unusual -- another content type or query, a body outside the fast decoder's
+    subset, including every invalid one -- returns None, and FastAPI's path answers it.
+    For what it does answer, the checks and their order are FastAPI's: the body parses
+    and validates, then the key is checked (same errors), then the request is served."""
+    query = request.scope["query_string"]
+    if query and query != b"include=pmf":
+        return None
+    if request.headers.get("content-type", "").lower() != _JSON:
+        return None
+    body = decode_decision(await request.body())
+    if body is None:
+        return None
+    principal = await _DECIDE.admit(request)
+    return await _decide(body, request.app.state.service, principal, bool(query))
+
+
+async def _decide(
+    body: DecisionIn | FastDecision,
+    service: DecisionService,
+    principal: Principal,
+    include_pmf: bool,
 ) -> Response:
     admit_candidates(principal, body.policy, [c.features for c in body.candidates])
     policy = service.engine.policy(body.policy)
@@ -148,7 +159,30 @@ async def decide(
         personalize=body.personalize,
     )
     row = await service.decide(request, may_exist=body.event_id is not None)
-    return json_response(decision_out(row, include == "pmf"))
+    return json_response(decision_out(row, include_pmf))
+
+
+@router.post(
+    "/v1/decisions",
+    response_model=DecisionOut,
+    responses=ERRORS,
+    summary="Decide which candidates fill which ranked slots",
+    description=(
+        "Each slot is a contextual-bandit draw over the candidates still eligible; the "
+        "response gives, per slot, the chosen candidate and the exact probability it was "
+        "drawn with. The decision is durably logged before the response is sent. Repeating "
+        "a known `event_id` returns the logged decision unchanged. `?include=pmf` adds each "
+        "slot's full distribution."
+    ),
+)
+@fast_path(decide_fast)
+async def decide(
+    body: DecisionIn,
+    service: ServiceDep,
+    principal: DecideKey,
+    include: Annotated[str | None, Query(pattern="^pmf$")] = None,
+) -> Response:
+    return await _decide(body, service, principal, include == "pmf")
 
 
 @router.post(
