@@ -149,7 +149,8 @@ async def _decide(
     request = DecisionRequest(
         event_id=body.event_id or new_event_id(),
         policy=body.policy,
-        candidates=tuple(Candidate(id=c.id, features=c.features) for c in body.candidates),
+        # Positional, from a list: half the cost of keywords and a generator (50-500 a request)
+        candidates=tuple([Candidate(c.id, c.features) for c in body.candidates]),
         slots=slots,
         context=body.context,
         excluded=frozenset(body.excluded),
