@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
+from pydantic import ValidationError
 
 from bandit_service.api.auth import Principal, admit_candidates, require
 from bandit_service.api.fast_body import FastDecision, decode_decision
@@ -47,7 +48,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 # Access (bandit_service/api/auth.py): every route names the scope it needs.
 DecideKey = Annotated[Principal, Depends(require("decide"))]
 ReadKey = Annotated[Principal, Depends(require("read"))]
-DECIDE_ON_EVENT = [Depends(require("decide", event_param="event_id"))]
+_REWARD_KEY = require("decide", event_param="event_id")
+DECIDE_ON_EVENT = [Depends(_REWARD_KEY)]
 READ_EVENT = [Depends(require("read", event_param="event_id"))]
 READ_POLICY = [Depends(require("read", policy_param="name"))]
 
@@ -186,6 +188,29 @@ async def decide(
     return await _decide(body, service, principal, include == "pmf")
 
 
+async def reward_fast(request: Request) -> Response | None:
+    """``reward`` without FastAPI's dependency solving, as ``decide_fast`` does it: the
+    body is validated by ``RewardIn`` itself (it is small), the key by the same ``Require``
+    (after the body, as FastAPI orders them); any other request returns None."""
+    if request.scope["query_string"] or request.headers.get("content-type", "").lower() != _JSON:
+        return None
+    try:
+        body = RewardIn.model_validate_json(await request.body())
+    except ValidationError:
+        return None
+    await _REWARD_KEY.admit(request)
+    return await _reward(request.path_params["event_id"], body, request.app.state.service)
+
+
+async def _reward(event_id: str, body: RewardIn, service: DecisionService) -> Response:
+    event_id = known_event_id(event_id)
+    result = await service.reward(
+        event_id, body.value, body.slot, body.id, body.kind, reward_id=body.reward_id
+    )
+    result["received_at"] = iso(result["received_at"])
+    return json_response(result, 200 if result["duplicate"] else 201)
+
+
 @router.post(
     "/v1/decisions/{event_id}/rewards",
     response_model=RewardOut,
@@ -205,13 +230,9 @@ async def decide(
         "answers 200 with `duplicate: true`."
     ),
 )
+@fast_path(reward_fast)
 async def reward(event_id: str, body: RewardIn, service: ServiceDep) -> Response:
-    event_id = known_event_id(event_id)
-    result = await service.reward(
-        event_id, body.value, body.slot, body.id, body.kind, reward_id=body.reward_id
-    )
-    result["received_at"] = iso(result["received_at"])
-    return json_response(result, 200 if result["duplicate"] else 201)
+    return await _reward(event_id, body, service)
 
 
 @router.post(
