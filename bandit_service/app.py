@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 
 from bandit_service import __version__
 from bandit_service.api.auth import install_auth
+from bandit_service.api.catalog_routes import router as catalog_router
 from bandit_service.api.errors import BodySizeLimit, install_error_handlers
 from bandit_service.api.personalizer import document as document_personalizer
 from bandit_service.api.personalizer import router as personalizer_router
@@ -84,6 +85,7 @@ def create_app(
     app.include_router(router)
     app.include_router(personalizer_router)  # Azure Personalizer-compatible facade
     app.include_router(privacy_router)  # issue 10: delete-user, opt-out, explanations
+    app.include_router(catalog_router)  # candidate catalogs per policy
     install_log_redaction()  # raw user ids in /v1/users/... paths never reach access logs
     app.include_router(ops_router)
     _document_personalizer_errors(app)

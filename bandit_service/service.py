@@ -23,6 +23,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from bandit_service import privacy
+from bandit_service.catalog import Catalog
 from bandit_service.config import Settings
 from bandit_service.domain import Decision, DecisionRequest, SlotChoice, to_jsonable
 from bandit_service.engine import DecisionEngine
@@ -77,6 +78,7 @@ class DecisionService:
         )
         self._user_secret: bytes | None = None
         self.opt_outs = privacy.OptOutRegistry(self.db)  # issue 10
+        self.catalog = Catalog(self.db)  # candidate catalogs, refreshed with the models
         self.retention = privacy.RetentionJob(self.db, self.policies)
         # Called with every policy after a runtime change (apply_policy).
         self.policy_listeners: list[Callable[[Mapping[str, PolicyConfig]], None]] = []
@@ -101,6 +103,7 @@ class DecisionService:
         if ok:
             await asyncio.to_thread(self._load_user_secret)
             await asyncio.to_thread(self.opt_outs.refresh)
+            await asyncio.to_thread(self.catalog.refresh)
             await asyncio.to_thread(self.models.refresh)
             self._models_ready = True
         else:
@@ -143,6 +146,10 @@ class DecisionService:
                 self._models_ready = True
             except Exception:
                 log.exception("model reload failed; serving the current models")
+            try:  # other processes' catalog changes: served within one reload period
+                await asyncio.to_thread(self.catalog.refresh)
+            except Exception:
+                log.exception("catalog refresh failed; serving the current catalogs")
 
     # -- runtime policy changes ------------------------------------------------------------
     def _scan_policy_files(self) -> dict[str, tuple[int, int]]:
@@ -350,6 +357,8 @@ class DecisionService:
         policy = self.engine.policy(request.policy)
         if policy.allow_identifier_features:
             return
+        if hasattr(request.candidates, "logged"):  # catalog items: checked when written
+            request = dataclasses.replace(request, candidates=())
         found = find_identifier(request)
         if found is not None:
             field, kind = found
@@ -722,7 +731,8 @@ def decision_row(
         "user_key": user_key,
         "context": {} if opted_out else _jsonable(request.context),
         "context_line": None if opted_out else decision.context_line,  # the trainer's text
-        "candidates": [{"id": c.id, "features": _jsonable(c.features)} for c in request.candidates],
+        "candidates": getattr(request.candidates, "logged", None)  # a catalog selection
+        or [{"id": c.id, "features": _jsonable(c.features)} for c in request.candidates],
         "slots": [_slot_json(c, slot_features.get(c.slot_id, {})) for c in decision.slots],
         "excluded": [] if opted_out else sorted(request.excluded),
         "created_at": created_at,

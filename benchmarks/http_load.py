@@ -22,7 +22,8 @@ Targets (each ``--workers`` uvicorn workers, 2 by default):
 Every decision is durably committed before its response (group commit); the trainer is off
 (its throughput is measured by ``trainer_throughput.py``). Workloads: ``d50x1`` 50
 candidates x 10 features, 20-feature context, 1 slot; ``d50x3`` the same with 3 slots;
-``d500x5`` 500 candidates, 5 slots; ``reward`` one reward per request on decisions made
+``d500x5`` 500 candidates, 5 slots; ``catalog`` d50x1's candidates stored in the
+policy's catalog and named by ``candidate_ids``; ``reward`` one reward per request on decisions made
 beforehand. Each request file holds varied contexts (and reward values), cycled through.
 """
 
@@ -64,11 +65,13 @@ WORKLOADS: dict[str, tuple[int, int]] = {  # name: (candidates, slots)
     "d50x1": (50, 1),
     "d50x3": (50, 3),
     "d500x5": (500, 5),
+    "catalog": (50, 1),  # d50x1's candidates, stored in the policy's catalog, named by id
 }
 LABELS = {
     "d50x1": "50 cand x 10 feat, 1 slot",
     "d50x3": "50 cand x 10 feat, 3 slots",
     "d500x5": "500 cand, 5 slots",
+    "catalog": "50 catalog ids, 1 slot",
     "reward": "reward ingestion",
 }
 
@@ -80,10 +83,25 @@ def decision_lines(name: str, variants: int, seed: int = 7) -> list[str]:
     rng = random.Random(seed)
     pool = [{"id": c.id, "features": dict(c.features)} for c in candidates(rng, count)]
     lines = []
+    ids = [c["id"] for c in pool]
     for _ in range(variants):
-        body = {"candidates": pool, "context": context(rng), "slots": slots}
+        body: dict[str, Any] = {"context": context(rng), "slots": slots}
+        body.update({"candidate_ids": ids} if name == "catalog" else {"candidates": pool})
         lines.append("/v1/decisions\t" + orjson.dumps(body).decode())
     return lines
+
+
+def catalog_items(name: str, seed: int = 7) -> list[dict[str, Any]]:
+    """The candidates of ``decision_lines(name)`` (the same seed), as catalog items."""
+    count, _slots = WORKLOADS[name]
+    return [{"id": c.id, "features": dict(c.features)} for c in candidates(random.Random(seed),
+                                                                          count)]  # fmt: skip
+
+
+def stock_catalog(url: str, items: list[dict[str, Any]]) -> None:
+    """Replace the benchmark policy's catalog with ``items`` (one request)."""
+    response = httpx.put(f"{url}/v1/policies/default/catalog/items", json={"items": items})
+    response.raise_for_status()
 
 
 def reward_lines(event_ids: list[str], seed: int = 11) -> list[str]:
@@ -228,6 +246,26 @@ def print_table(results: list[dict[str, Any]], targets: list[str]) -> None:
     print("throughput ratio to expect when CPU is the limit and the load generator is elsewhere")
 
 
+def print_catalog_ratio(results: list[dict[str, Any]]) -> None:
+    """CPU per decision by catalog ids over inline candidates, point by point."""
+    inline = {row["concurrency"]: row for row in results if row["workload"] == "d50x1"}
+    lines = []
+    for row in results:
+        other = inline.get(row["concurrency"]) if row["workload"] == "catalog" else None
+        if other is None:
+            continue
+        for target, r in row["targets"].items():
+            base = other["targets"].get(target)
+            if target == "floor" or base is None:
+                continue
+            this, then = r["app_cpu_us"] + r["db_cpu_us"], base["app_cpu_us"] + base["db_cpu_us"]
+            lines.append(f"  {target:<9} x{row['concurrency']:<3} catalog {this:>5.0f} us, "
+                         f"inline {then:>5.0f} us: catalog/inline {this / then:.2f}")  # fmt: skip
+    if lines:
+        print("\nCPU per decision (app + db), 50 candidates x 10 features, 1 slot:")
+        print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=5, help="seconds per point")
@@ -301,6 +339,11 @@ def main() -> None:
                 path = folder / f"{workload}.txt"
                 path.write_text("\n".join(decision_lines(workload, variants)) + "\n")
                 files = dict.fromkeys(servers, path)
+                if workload == "catalog":
+                    for target, server in servers.items():
+                        if target != "floor":
+                            stock_catalog(server.url, catalog_items(workload))
+                    time.sleep(3)  # the other worker refreshes within its 2 s reload period
             for target, server in servers.items():  # warm caches, connections, JIT-free paths
                 run_wrk(server.url, files[target], 16, args.warmup, args.max_requests, out)
             for concurrency in args.concurrency:
@@ -320,6 +363,7 @@ def main() -> None:
     print(f"\nmachine: {load_before} before, {load_after} after; "
           f"{args.workers} uvicorn workers per target, {args.duration:g} s per point")  # fmt: skip
     print_table(results, [t for t in ("floor", "base", "sqlite", "postgres") if t in servers])
+    print_catalog_ratio(results)
     report = {
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"before": load_before, "after": load_after, "cpus": os.cpu_count()},

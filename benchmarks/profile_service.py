@@ -3,7 +3,7 @@ drives it, then prints the functions that hold the GIL most (inclusive and self)
 
     .venv/bin/pip install py-spy        # not a project dependency: a profiling tool
     .venv/bin/python benchmarks/profile_service.py [--store sqlite|postgres]
-        [--workload d50x1|d50x3|d500x5|reward] [--seconds 10] [--concurrency 16]
+        [--workload d50x1|d50x3|d500x5|catalog|reward] [--seconds 10] [--concurrency 16]
 
 One uvicorn worker, so every sample is the serving process. ``--gil`` sampling counts only
 the thread holding the GIL: Python CPU time, not threads waiting on fsync or a socket.
@@ -26,7 +26,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _servers import private_postgres, start_service, write_policies
-from http_load import decision_lines, make_decisions, reward_lines, run_wrk
+from http_load import (
+    catalog_items,
+    decision_lines,
+    make_decisions,
+    reward_lines,
+    run_wrk,
+    stock_catalog,
+)
 
 FRAME_LINE = re.compile(r":\d+\)")
 FRAMEWORK = ("starlette/", "uvicorn/", "asyncio/", "threading.py", "concurrent/futures")
@@ -66,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument(
-        "--workload", default="d50x1", choices=["d50x1", "d50x3", "d500x5", "reward"]
+        "--workload", default="d50x1", choices=["d50x1", "d50x3", "d500x5", "catalog", "reward"]
     )
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--concurrency", type=int, default=16)
@@ -92,6 +99,8 @@ def main() -> None:
             ids = asyncio.run(make_decisions(server.url, line, 2000))
             requests.write_text("\n".join(reward_lines(ids)) + "\n")
         else:
+            if args.workload == "catalog":  # one worker: it serves its own change at once
+                stock_catalog(server.url, catalog_items(args.workload))
             requests.write_text("\n".join(decision_lines(args.workload, 32)) + "\n")
         run_wrk(server.url, requests, args.concurrency, 1, 10**7, folder / "warm.json")
         raw = args.raw or folder / "stacks.txt"

@@ -82,7 +82,8 @@ class FastPin(_Strict):
 class FastDecision(_Strict):
     """``DecisionIn``'s fields, with the same names, so the route reads either."""
 
-    candidates: list[FastCandidate]
+    candidates: list[FastCandidate] | None = None
+    candidate_ids: Annotated[list[_Identifier], Meta(max_length=10_000)] | None = None
     policy: _Identifier = "default"
     user_id: _Identifier | None = None
     context: _Context = msgspec.field(default_factory=dict)

@@ -12,6 +12,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from bandit_service.api.auth import Principal, admit_candidates, require
+from bandit_service.api.catalog_decide import catalog_candidates
 from bandit_service.api.fast_body import FastDecision, decode_decision
 from bandit_service.api.json_route import JsonModelRoute, fast_path
 from bandit_service.api.schemas import (
@@ -139,7 +140,13 @@ async def _decide(
     principal: Principal,
     include_pmf: bool,
 ) -> Response:
-    admit_candidates(principal, body.policy, [c.features for c in body.candidates])
+    candidates: tuple[Candidate, ...]
+    if body.candidates is None or body.candidate_ids is not None:  # the policy's catalog
+        candidates = catalog_candidates(service, principal, body)
+    else:
+        admit_candidates(principal, body.policy, [c.features for c in body.candidates])
+        # Positional, from a list: half the cost of keywords and a generator (50-500 a request)
+        candidates = tuple([Candidate(c.id, c.features) for c in body.candidates])
     policy = service.engine.policy(body.policy)
     slots = slot_list(
         policy.slots
@@ -151,8 +158,7 @@ async def _decide(
     request = DecisionRequest(
         event_id=body.event_id or new_event_id(),
         policy=body.policy,
-        # Positional, from a list: half the cost of keywords and a generator (50-500 a request)
-        candidates=tuple([Candidate(c.id, c.features) for c in body.candidates]),
+        candidates=candidates,
         slots=slots,
         context=body.context,
         excluded=frozenset(body.excluded),

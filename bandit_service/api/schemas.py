@@ -67,8 +67,16 @@ class DecisionIn(Strict):
     policy: Identifier = "default"
     user_id: Identifier | None = None
     context: FeatureMap = Field(default_factory=dict)
-    candidates: list[CandidateIn] = Field(
-        description="What may be shown; at least one, ids unique."
+    candidates: list[CandidateIn] | None = Field(
+        default=None,
+        description="What may be shown; at least one, ids unique. Omit it (and "
+        "`candidate_ids`) to decide over the policy's whole catalog.",
+    )
+    candidate_ids: list[Identifier] | None = Field(
+        default=None,
+        max_length=10_000,
+        description="Ids of the policy's catalog items to decide over, in this order "
+        "(instead of `candidates`; giving both is a 422).",
     )
     slots: (
         Annotated[int, Field(ge=1, le=10_000, strict=True)]

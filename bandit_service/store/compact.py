@@ -36,7 +36,13 @@ KEY_LENGTH = 32  # hex characters of a BLAKE2b-128 digest
 
 
 def candidate_set(candidates: Sequence[dict[str, Any]]) -> tuple[str, str]:
-    """``(key, json_text)`` of a request's candidates (``[{"id":…, "features":…}, …]``)."""
+    """``(key, json_text)`` of a request's candidates (``[{"id":…, "features":…}, …]``).
+
+    A catalog selection carries both, computed once per catalog version (``content_key``,
+    see ``bandit_service/catalog.py``), instead of per decision."""
+    cached: tuple[str, str] | None = getattr(candidates, "content_key", None)
+    if cached is not None:
+        return cached
     data = orjson.dumps(candidates)
     return hashlib.blake2b(data, digest_size=16).hexdigest(), data.decode()
 

@@ -177,3 +177,42 @@ class UserOptOutRow(Base):
     updated_at: Mapped[float] = mapped_column(Float, nullable=False)
 
     __table_args__ = (Index("ix_user_opt_outs_updated", "updated_at"),)
+
+
+class CatalogItemRow(Base):
+    """One item of a policy's candidate catalog (migration 0009_catalog; see
+    ``bandit_service/catalog.py``).
+
+    ``features`` is the item's feature map as JSON text (decoded once per change by each
+    serving process). ``version`` is the catalog version that last wrote the row; a removed
+    item stays as a tombstone (``deleted``) so processes reading changes since a version
+    see the removal too.
+    """
+
+    __tablename__ = "catalog_items"
+
+    policy: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # Byte (code point) order on both stores, as Python sorts ids: lists and the whole-
+    # catalog candidate order agree.
+    item_id: Mapped[str] = mapped_column(
+        String(256).with_variant(String(256, collation="C"), "postgresql"), primary_key=True
+    )
+    features: Mapped[str] = mapped_column(Text, nullable=False)
+    version: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    updated_at: Mapped[float] = mapped_column(Float, nullable=False)
+    deleted: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+
+    __table_args__ = (Index("ix_catalog_items_changes", "policy", "version"),)
+
+
+class CatalogVersionRow(Base):
+    """A policy's catalog version: one more per change request (the watermark processes
+    read changes after). ``purged_through``: tombstones up to this version are gone, so a
+    process that knows an older version reloads the whole catalog."""
+
+    __tablename__ = "catalog_versions"
+
+    policy: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    updated_at: Mapped[float] = mapped_column(Float, nullable=False)
+    purged_through: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)

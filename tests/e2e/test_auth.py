@@ -38,6 +38,13 @@ SCOPE_OF: dict[tuple[str, str], str] = {
     ("PUT", "/v1/users/{user_id}/opt-out"): "admin",
     ("DELETE", "/v1/users/{user_id}/opt-out"): "admin",
     ("GET", "/v1/users/{user_id}/opt-out"): "admin",
+    ("GET", "/v1/policies/{name}/catalog"): "read",
+    ("GET", "/v1/policies/{name}/catalog/items"): "read",
+    ("GET", "/v1/policies/{name}/catalog/items/{item_id}"): "read",
+    ("POST", "/v1/policies/{name}/catalog/items"): "admin",
+    ("PUT", "/v1/policies/{name}/catalog/items"): "admin",
+    ("DELETE", "/v1/policies/{name}/catalog/items/{item_id}"): "admin",
+    ("DELETE", "/v1/policies/{name}/catalog/items"): "admin",
     ("GET", "/healthz"): "open",
     ("GET", "/readyz"): "open",
     ("GET", "/openapi.json"): "open",
@@ -68,6 +75,27 @@ SAMPLE: dict[tuple[str, str], tuple[str, Any, int]] = {
     ("PUT", "/v1/users/{user_id}/opt-out"): ("/v1/users/u-opt/opt-out", None, 200),
     ("DELETE", "/v1/users/{user_id}/opt-out"): ("/v1/users/u-opt/opt-out", None, 200),
     ("GET", "/v1/users/{user_id}/opt-out"): ("/v1/users/u-opt/opt-out", None, 200),
+    # The matrix runs in this order: the catalog holds "a" and "b" (made with the decision
+    # evt-m) until the admin key's calls change it, each of which succeeds on its own.
+    ("GET", "/v1/policies/{name}/catalog"): ("/v1/policies/default/catalog", None, 200),
+    ("GET", "/v1/policies/{name}/catalog/items"): (
+        "/v1/policies/default/catalog/items", None, 200,
+    ),
+    ("GET", "/v1/policies/{name}/catalog/items/{item_id}"): (
+        "/v1/policies/default/catalog/items/a", None, 200,
+    ),
+    ("POST", "/v1/policies/{name}/catalog/items"): (
+        "/v1/policies/default/catalog/items", {"items": CANDIDATES}, 200,
+    ),
+    ("PUT", "/v1/policies/{name}/catalog/items"): (
+        "/v1/policies/default/catalog/items", {"items": CANDIDATES}, 200,
+    ),
+    ("DELETE", "/v1/policies/{name}/catalog/items/{item_id}"): (
+        "/v1/policies/default/catalog/items/a", None, 200,
+    ),
+    ("DELETE", "/v1/policies/{name}/catalog/items"): (
+        "/v1/policies/default/catalog/items", None, 200,
+    ),
     ("GET", "/healthz"): ("/healthz", None, 200),
     ("GET", "/readyz"): ("/readyz", None, 200),
     ("GET", "/openapi.json"): ("/openapi.json", None, 200),
@@ -216,6 +244,12 @@ def test_scope_matrix(sqlite_settings: Settings) -> None:
                 headers=bearer(keys.raw["all"]),
             )
             assert made.status_code == 200, made.text
+            stocked = await client.post(
+                "/v1/policies/default/catalog/items",
+                json={"items": CANDIDATES},
+                headers=bearer(keys.raw["all"]),
+            )
+            assert stocked.status_code == 200, stocked.text
             callers: dict[str, dict[str, str]] = {
                 "no key": {},
                 "bad key": bearer(create_key()),
@@ -371,6 +405,26 @@ def test_policy_restriction(settings: Settings) -> None:
                 assert "every policy" in narrow.json()["error"]["message"]
                 assert (await client.request(method, url, headers=bearer(admin))).is_success
 
+            # Catalogs belong to a policy: a key restricted to another may not touch them,
+            # nor decide over them.
+            items = {"items": CANDIDATES}
+            for policy, allowed_status in (("default", 403), ("bounded", 200)):
+                url = f"/v1/policies/{policy}/catalog/items"
+                put = await client.post(url, json=items, headers=bearer(bounded_admin))
+                assert put.status_code == allowed_status, put.text
+                read = await client.get(url, headers=bearer(bounded))
+                assert read.status_code == allowed_status, read.text
+            await client.post("/v1/policies/default/catalog/items", json=items,
+                              headers=bearer(admin))  # fmt: skip
+            by_ids = await client.post(
+                "/v1/decisions", json={"candidate_ids": ["a"]}, headers=bearer(bounded)
+            )
+            assert by_ids.status_code == 403 and by_ids.json()["error"]["field"] == "policy"
+            whole = await client.post(
+                "/v1/decisions", json={"policy": "bounded", "slots": 1}, headers=bearer(bounded)
+            )
+            assert whole.status_code == 200, whole.text
+
     asyncio.run(run())
 
 
@@ -380,6 +434,7 @@ def test_per_key_limits(sqlite_settings: Settings) -> None:
         "small", ["decide"], max_body_bytes=2048, max_candidates=3, max_features_per_candidate=2
     )
     roomy = keys.add("roomy", ["decide"])
+    stock = keys.add("stock", ["admin"])
     slow = keys.add("slow", ["decide", "read"], rate_per_second=0.01, burst=2)
     app = create_app(with_keys(sqlite_settings, keys))
 
@@ -403,6 +458,24 @@ def test_per_key_limits(sqlite_settings: Settings) -> None:
             assert "limit of key 'small' of 3" in refused.json()["error"]["message"]
             three = {"candidates": [{"id": str(i)} for i in range(3)]}
             assert (await decide(three, small)).is_success
+            # The same count limit for catalog candidates, named or the whole catalog.
+            stocked = await client.post(
+                "/v1/policies/default/catalog/items", json=four | {"items": four["candidates"]},
+                headers=bearer(stock),
+            )  # fmt: skip
+            assert stocked.status_code == 422  # "candidates" is not a field of a batch
+            stocked = await client.post(
+                "/v1/policies/default/catalog/items", json={"items": four["candidates"]},
+                headers=bearer(stock),
+            )  # fmt: skip
+            assert stocked.is_success, stocked.text
+            for body, field in (({"candidate_ids": ["0", "1", "2", "3"]}, "candidate_ids"),
+                                ({}, "candidates")):  # fmt: skip
+                refused = await decide(body, small)
+                assert refused.status_code == 422, refused.text
+                assert refused.json()["error"]["field"] == field
+            assert (await decide({"candidate_ids": ["0", "1", "2"]}, small)).is_success
+            assert (await decide({}, roomy)).is_success
 
             wide_features = {"x": 1, "ns": {"y": 1, "z": 2}}  # a namespace counts its members
             wide = {"candidates": [{"id": "a"}, {"id": "b", "features": wide_features}]}

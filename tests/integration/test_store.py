@@ -23,7 +23,10 @@ from bandit_service.store.database import (
 )
 from bandit_service.store.models import DecisionRow, RewardRow
 
-TABLES = {"decisions", "rewards", "service_meta", "model_checkpoints", "trainer_leases"}
+TABLES = {
+    "decisions", "rewards", "service_meta", "model_checkpoints", "trainer_leases",
+    "catalog_items", "catalog_versions",
+}  # fmt: skip
 
 
 def _tables(url: str) -> set[str]:

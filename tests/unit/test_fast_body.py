@@ -62,6 +62,8 @@ COMMON = [
     b' "slots": 1}',  # repeated keys: the last wins, in the first one's place, both ways
     b'{"candidates": [{"id": "a", "features": {"t": "tab\\tnew\\nline \\"q\\" \\\\ /"}}]}',
     b' {"candidates":[{"id":"a","features":{"e":1E2,"g":2.5e-3}}]}\n',
+    b'{"context": {}}',  # no candidates: the policy's catalog
+    b'{"candidate_ids": ["a", "b"], "slots": 1}',
 ]
 
 
@@ -112,7 +114,6 @@ INVALID = [
     b'{"candidates": [{"id": "a"}], "policy": null}',
     b'{"candidates": [{"id": "a"}], "context": {"bad-ns": {"x": 1}}}',
     b'{"candidates": [{"id": "a"}], "context": {"ns": {"deep": {"x": 1}}}}',
-    b'{"context": {}}',
 ]
 
 

@@ -1,0 +1,37 @@
+"""Decision requests over a policy's catalog: which candidates, and who may ask.
+
+Mixing rules (``POST /v1/decisions``): ``candidates`` (inline, unchanged) or
+``candidate_ids`` (catalog items, in the given order) or neither (the whole catalog, in id
+order, if it fits the candidate limit); both at once is a 422.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bandit_service import catalog
+from bandit_service.api.auth import Principal, admit_policy
+from bandit_service.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from bandit_service.api.fast_body import FastDecision
+    from bandit_service.api.schemas import DecisionIn
+    from bandit_service.service import DecisionService
+
+
+def catalog_candidates(
+    service: DecisionService, principal: Principal, body: DecisionIn | FastDecision
+) -> catalog.CatalogCandidates:
+    """The request's candidates from the policy's catalog snapshot in this process.
+
+    Per-key limits: the candidate count applies as for inline candidates; features per
+    candidate were checked when the items were written (by an admin key)."""
+    if body.candidates is not None:
+        raise InvalidRequest(
+            "give `candidates` (inline) or `candidate_ids` (catalog items), not both",
+            "candidate_ids",
+        )
+    admit_policy(principal, body.policy)
+    service.engine.policy(body.policy)  # an unknown policy is answered as for inline requests
+    limit = min(service.settings.max_candidates, principal.limits.max_candidates)
+    return catalog.resolve(service.catalog.snapshot(body.policy), body.candidate_ids, limit)
