@@ -152,9 +152,13 @@ def start_service(
         **(extra_env or {}),
     }
     cli = [str(Path(sys.executable).parent / "bandit-service")]
+    cwd = None
     if source is not None:
         env["PYTHONPATH"] = str(source)  # found before the editable install's finder
         cli = [sys.executable, "-m", "bandit_service.cli"]
+        # ``python -m`` puts the working directory first on sys.path, ahead of PYTHONPATH:
+        # run from the repository, it served the *current* package as "base".
+        cwd = source
     proc = subprocess.Popen(
         [
             *cli,
@@ -168,6 +172,7 @@ def start_service(
             "warning",
         ],
         env=env,
+        cwd=cwd,
     )
     server = Server(name, f"http://127.0.0.1:{port}", proc, env)
     try:

@@ -14,12 +14,13 @@ from bandit_service.api.auth import Principal, admit_policy
 from bandit_service.errors import InvalidRequest
 
 if TYPE_CHECKING:
+    from bandit_service.api.fast_body import FastDecision
     from bandit_service.api.schemas import DecisionIn
     from bandit_service.service import DecisionService
 
 
 def catalog_candidates(
-    service: DecisionService, principal: Principal, body: DecisionIn
+    service: DecisionService, principal: Principal, body: DecisionIn | FastDecision
 ) -> catalog.CatalogCandidates:
     """The request's candidates from the policy's catalog snapshot in this process.
 

@@ -11,6 +11,11 @@ dependencies): only ``Request.json()`` changes. For a valid body it returns the 
 model, which FastAPI then accepts as is (pydantic does not revalidate an instance of the
 model itself); for an invalid one it returns what ``json.loads`` returns, so FastAPI
 validates and reports the errors exactly as before.
+
+A route may also declare a *fast path* (:func:`fast_path`): a function of the request that
+answers the common, well-formed request without FastAPI's dependency solving and body
+validation, or returns None to leave the request to FastAPI. It must give the same
+answer FastAPI's path would (docs/performance.md: the decision route's).
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from __future__ import annotations
 import inspect
 import json
 import typing
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
@@ -32,6 +37,8 @@ class _ModelRequest(Request):
     def __init__(self, request: Request, model: type[BaseModel]) -> None:
         super().__init__(request.scope, request.receive)
         self._model = model
+        if hasattr(request, "_body"):  # a fast path read it already: there is no more
+            self._body = request._body
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
@@ -59,6 +66,21 @@ def _body_model(endpoint: Callable[..., Any]) -> type[BaseModel] | None:
     return models[0] if len(models) == 1 else None
 
 
+FastPath = Callable[[Request], Awaitable[Response | None]]
+_Endpoint = TypeVar("_Endpoint", bound=Callable[..., Any])
+
+
+def fast_path(handler: FastPath) -> Callable[[_Endpoint], _Endpoint]:
+    """Mark an endpoint (below ``@router.post``) with a fast path tried before FastAPI's
+    own handling: ``handler(request)`` answers, or returns None to fall through."""
+
+    def mark(endpoint: _Endpoint) -> _Endpoint:
+        endpoint.fast_path = handler  # type: ignore[attr-defined]
+        return endpoint
+
+    return mark
+
+
 class JsonModelRoute(APIRoute):
     """An ``APIRoute`` whose body model is validated from the raw JSON bytes."""
 
@@ -67,8 +89,11 @@ class JsonModelRoute(APIRoute):
         model = _body_model(self.endpoint)
         if model is None:
             return handler
+        fast: FastPath | None = getattr(self.endpoint, "fast_path", None)
 
         async def route_handler(request: Request) -> Response:
+            if fast is not None and (response := await fast(request)) is not None:
+                return response
             return await handler(_ModelRequest(request, model))
 
         return route_handler

@@ -9,10 +9,12 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
+from pydantic import ValidationError
 
 from bandit_service.api.auth import Principal, admit_candidates, require
 from bandit_service.api.catalog_decide import catalog_candidates
-from bandit_service.api.json_route import JsonModelRoute
+from bandit_service.api.fast_body import FastDecision, decode_decision
+from bandit_service.api.json_route import JsonModelRoute, fast_path
 from bandit_service.api.schemas import (
     EVENT_ID_PATTERN,
     ActivationOut,
@@ -47,7 +49,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 # Access (bandit_service/api/auth.py): every route names the scope it needs.
 DecideKey = Annotated[Principal, Depends(require("decide"))]
 ReadKey = Annotated[Principal, Depends(require("read"))]
-DECIDE_ON_EVENT = [Depends(require("decide", event_param="event_id"))]
+_REWARD_KEY = require("decide", event_param="event_id")
+DECIDE_ON_EVENT = [Depends(_REWARD_KEY)]
 READ_EVENT = [Depends(require("read", event_param="event_id"))]
 READ_POLICY = [Depends(require("read", policy_param="name"))]
 
@@ -108,31 +111,42 @@ def decision_out(row: dict[str, Any], include_pmf: bool) -> dict[str, Any]:
     }
 
 
-@router.post(
-    "/v1/decisions",
-    response_model=DecisionOut,
-    responses=ERRORS,
-    summary="Decide which candidates fill which ranked slots",
-    description=(
-        "Each slot is a contextual-bandit draw over the candidates still eligible; the "
-        "response gives, per slot, the chosen candidate and the exact probability it was "
-        "drawn with. The decision is durably logged before the response is sent. Repeating "
-        "a known `event_id` returns the logged decision unchanged. `?include=pmf` adds each "
-        "slot's full distribution."
-    ),
-)
-async def decide(
-    body: DecisionIn,
-    service: ServiceDep,
-    principal: DecideKey,
-    include: Annotated[str | None, Query(pattern="^pmf$")] = None,
+_DECIDE = require("decide")
+_JSON = "application/json"
+
+
+async def decide_fast(request: Request) -> Response | None:
+    """``decide`` for the common request, without FastAPI's dependency solving and with the
+    body decoded by msgspec (``api/fast_body.py``): about a third less CPU per decision.
+    Anything unusual -- another content type or query, a body outside the fast decoder's
+    subset, including every invalid one -- returns None, and FastAPI's path answers it.
+    For what it does answer, the checks and their order are FastAPI's: the body parses
+    and validates, then the key is checked (same errors), then the request is served."""
+    query = request.scope["query_string"]
+    if query and query != b"include=pmf":
+        return None
+    if request.headers.get("content-type", "").lower() != _JSON:
+        return None
+    body = decode_decision(await request.body())
+    if body is None:
+        return None
+    principal = await _DECIDE.admit(request)
+    return await _decide(body, request.app.state.service, principal, bool(query))
+
+
+async def _decide(
+    body: DecisionIn | FastDecision,
+    service: DecisionService,
+    principal: Principal,
+    include_pmf: bool,
 ) -> Response:
     candidates: tuple[Candidate, ...]
     if body.candidates is None or body.candidate_ids is not None:  # the policy's catalog
         candidates = catalog_candidates(service, principal, body)
     else:
         admit_candidates(principal, body.policy, [c.features for c in body.candidates])
-        candidates = tuple(Candidate(id=c.id, features=c.features) for c in body.candidates)
+        # Positional, from a list: half the cost of keywords and a generator (50-500 a request)
+        candidates = tuple([Candidate(c.id, c.features) for c in body.candidates])
     policy = service.engine.policy(body.policy)
     slots = slot_list(
         policy.slots
@@ -154,7 +168,53 @@ async def decide(
         personalize=body.personalize,
     )
     row = await service.decide(request, may_exist=body.event_id is not None)
-    return json_response(decision_out(row, include == "pmf"))
+    return json_response(decision_out(row, include_pmf))
+
+
+@router.post(
+    "/v1/decisions",
+    response_model=DecisionOut,
+    responses=ERRORS,
+    summary="Decide which candidates fill which ranked slots",
+    description=(
+        "Each slot is a contextual-bandit draw over the candidates still eligible; the "
+        "response gives, per slot, the chosen candidate and the exact probability it was "
+        "drawn with. The decision is durably logged before the response is sent. Repeating "
+        "a known `event_id` returns the logged decision unchanged. `?include=pmf` adds each "
+        "slot's full distribution."
+    ),
+)
+@fast_path(decide_fast)
+async def decide(
+    body: DecisionIn,
+    service: ServiceDep,
+    principal: DecideKey,
+    include: Annotated[str | None, Query(pattern="^pmf$")] = None,
+) -> Response:
+    return await _decide(body, service, principal, include == "pmf")
+
+
+async def reward_fast(request: Request) -> Response | None:
+    """``reward`` without FastAPI's dependency solving, as ``decide_fast`` does it: the
+    body is validated by ``RewardIn`` itself (it is small), the key by the same ``Require``
+    (after the body, as FastAPI orders them); any other request returns None."""
+    if request.scope["query_string"] or request.headers.get("content-type", "").lower() != _JSON:
+        return None
+    try:
+        body = RewardIn.model_validate_json(await request.body())
+    except ValidationError:
+        return None
+    await _REWARD_KEY.admit(request)
+    return await _reward(request.path_params["event_id"], body, request.app.state.service)
+
+
+async def _reward(event_id: str, body: RewardIn, service: DecisionService) -> Response:
+    event_id = known_event_id(event_id)
+    result = await service.reward(
+        event_id, body.value, body.slot, body.id, body.kind, reward_id=body.reward_id
+    )
+    result["received_at"] = iso(result["received_at"])
+    return json_response(result, 200 if result["duplicate"] else 201)
 
 
 @router.post(
@@ -176,13 +236,9 @@ async def decide(
         "answers 200 with `duplicate: true`."
     ),
 )
+@fast_path(reward_fast)
 async def reward(event_id: str, body: RewardIn, service: ServiceDep) -> Response:
-    event_id = known_event_id(event_id)
-    result = await service.reward(
-        event_id, body.value, body.slot, body.id, body.kind, reward_id=body.reward_id
-    )
-    result["received_at"] = iso(result["received_at"])
-    return json_response(result, 200 if result["duplicate"] else 201)
+    return await _reward(event_id, body, service)
 
 
 @router.post(

@@ -234,10 +234,14 @@ class _Page:
         candidates = request.candidates
         index = {c.id: i for i, c in enumerate(candidates)}
         rules = policy.rules
-        excluded = {
-            i for i, c in enumerate(candidates)
-            if c.id in request.excluded or rules.excluded_by_filters(c.features)
-        }  # fmt: skip
+        excluded = (
+            {
+                i for i, c in enumerate(candidates)
+                if c.id in request.excluded or rules.excluded_by_filters(c.features)
+            }
+            if request.excluded or rules.exclude_if
+            else set()
+        )  # fmt: skip
         pins = _plan_pins(policy, request, index, excluded)
         pinned = set(pins.values())
         free = [i for i in range(len(candidates)) if i not in excluded and i not in pinned]
@@ -372,6 +376,8 @@ def _plan_pins(
 def _check_candidates(candidates: tuple[Candidate, ...]) -> None:
     if not candidates:
         raise InvalidRequest("candidates must not be empty", "candidates")
+    if len({c.id for c in candidates}) == len(candidates):
+        return  # the usual case, one set built; the loop below names a duplicate
     seen: dict[str, int] = {}
     for index, candidate in enumerate(candidates):
         if candidate.id in seen:

@@ -43,7 +43,7 @@ class RequestContext:
     def __init__(self, app: ASGIApp, access_log: bool = False) -> None:
         self.app = app
         self.level = logging.INFO if access_log else logging.DEBUG
-        self._latency: dict[tuple[str, str], Any] = {}
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -76,12 +76,15 @@ class RequestContext:
         elapsed = time.perf_counter() - start
         route = getattr(scope.get("route"), "path", None) or "unmatched"
         method = scope["method"] if scope["method"] in _METHODS else "OTHER"
-        child = self._latency.get((method, route))
-        if child is None:
-            child = metrics.REQUEST_SECONDS.labels(method, route)
-            self._latency[(method, route)] = child
-        child.observe(elapsed)
-        metrics.REQUESTS.labels(method, route, str(status)).inc()
+        children = self._children.get((method, route, status))
+        if children is None:  # label look-ups cost more than the updates: once per triple
+            children = (
+                metrics.REQUEST_SECONDS.labels(method, route),
+                metrics.REQUESTS.labels(method, route, str(status)),
+            )
+            self._children[(method, route, status)] = children
+        children[0].observe(elapsed)
+        children[1].inc()
         if log.isEnabledFor(self.level):
             log.log(
                 self.level,
