@@ -60,6 +60,7 @@ def create_app(
         # process; moving it out of the collector's reach keeps full collections short
         # (they paused 500-candidate requests for ~100 ms every ~20 requests).
         gc.freeze()
+        thresholds = gc.get_threshold()
         gc.set_threshold(*SERVING_GC_THRESHOLDS)
         try:
             yield
@@ -67,6 +68,10 @@ def create_app(
             drain.uninstall()
             await service.close()
             metrics.process_stopped()
+            # Give the app's objects back to the collector: a process that builds apps
+            # one after another (tests, embedding) would otherwise keep every one of them.
+            gc.unfreeze()
+            gc.set_threshold(*thresholds)
 
     app = FastAPI(
         title="bandit-service",

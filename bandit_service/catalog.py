@@ -64,11 +64,30 @@ class CatalogCandidates(tuple[Candidate, ...]):
     stored form. Behaves as a plain tuple everywhere else."""
 
     logged: LoggedCandidates
+    identifier: tuple[str, str] | bool | None  # catalog_identifier's answer; False: unknown
 
     def __new__(cls, candidates: Iterable[Candidate]) -> CatalogCandidates:
         self = super().__new__(cls, candidates)
         self.logged = LoggedCandidates({"id": c.id, "features": c.features} for c in self)
+        self.identifier = False
         return self
+
+
+def catalog_identifier(selection: CatalogCandidates) -> tuple[str, str] | None:
+    """(field, kind) of the first catalog item feature in ``selection`` that looks like a
+    direct identifier, or None. Items are checked when written, under the policy of that
+    time; a policy may stop allowing identifiers later, so selections are checked again,
+    once each (the result is kept on the cached selection)."""
+    if selection.identifier is False:
+        probe = DecisionRequest("", "", tuple(selection), (), {})
+        found = find_identifier(probe)
+        if found is not None:  # name the catalog item, not a request field
+            index = int(found[0].split("]", 1)[0].removeprefix("candidates["))
+            rest = found[0].split("]", 1)[1]
+            found = (f"catalog item {selection[index].id!r}{rest}", found[1])
+        selection.identifier = found
+        return found
+    return selection.identifier if isinstance(selection.identifier, tuple) else None
 
 
 class CatalogSnapshot:

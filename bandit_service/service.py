@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from bandit_service import privacy
-from bandit_service.catalog import Catalog
+from bandit_service.catalog import Catalog, CatalogCandidates, catalog_identifier
 from bandit_service.config import Settings
 from bandit_service.domain import Decision, DecisionRequest, SlotChoice, to_jsonable
 from bandit_service.engine import DecisionEngine
@@ -366,7 +366,18 @@ class DecisionService:
         policy = self.engine.policy(request.policy)
         if policy.allow_identifier_features:
             return
-        if hasattr(request.candidates, "logged"):  # catalog items: checked when written
+        if isinstance(request.candidates, CatalogCandidates):
+            # Catalog items were checked when written, but under the policy of that time:
+            # check the selection again (once; the result is kept on the cached selection).
+            found = catalog_identifier(request.candidates)
+            if found is not None:
+                field, kind = found
+                raise InvalidRequest(
+                    f"{field} looks like a direct identifier ({kind}); identifiers must not "
+                    f"be features (policy {policy.name!r} does not set "
+                    "allow_identifier_features)",
+                    "candidate_ids",
+                )
             request = dataclasses.replace(request, candidates=())
         found = find_identifier(request)
         if found is not None:

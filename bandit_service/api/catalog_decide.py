@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from bandit_service import catalog
-from bandit_service.api.auth import Principal, admit_policy
+from bandit_service.api.auth import Principal, admit_candidates, admit_policy
+from bandit_service.api.features import MAX_FEATURES
 from bandit_service.errors import InvalidRequest
 
 if TYPE_CHECKING:
@@ -24,8 +25,9 @@ def catalog_candidates(
 ) -> catalog.CatalogCandidates:
     """The request's candidates from the policy's catalog snapshot in this process.
 
-    Per-key limits: the candidate count applies as for inline candidates; features per
-    candidate were checked when the items were written (by an admin key)."""
+    Per-key limits apply as for inline candidates: the candidate count, and the features
+    per candidate when the key's limit is below the service's (items were checked when
+    written, against the admin key that wrote them)."""
     if body.candidates is not None:
         raise InvalidRequest(
             "give `candidates` (inline) or `candidate_ids` (catalog items), not both",
@@ -34,4 +36,7 @@ def catalog_candidates(
     admit_policy(principal, body.policy)
     service.engine.policy(body.policy)  # an unknown policy is answered as for inline requests
     limit = min(service.settings.max_candidates, principal.limits.max_candidates)
-    return catalog.resolve(service.catalog.snapshot(body.policy), body.candidate_ids, limit)
+    selected = catalog.resolve(service.catalog.snapshot(body.policy), body.candidate_ids, limit)
+    if principal.limits.max_features_per_candidate < MAX_FEATURES:
+        admit_candidates(principal, body.policy, [c.features for c in selected], "candidate_ids")
+    return selected

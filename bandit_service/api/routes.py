@@ -142,7 +142,20 @@ async def _decide(
 ) -> Response:
     candidates: tuple[Candidate, ...]
     if body.candidates is None or body.candidate_ids is not None:  # the policy's catalog
-        candidates = catalog_candidates(service, principal, body)
+        try:
+            candidates = catalog_candidates(service, principal, body)
+        except InvalidRequest:
+            # A retry of a logged decision is answered from the log, whatever the
+            # catalog holds now (items removed, cleared, grown past the limit).
+            if body.event_id is None:
+                raise
+            try:
+                stored = await service.get_decision(body.event_id)
+            except NotFound:
+                stored = None
+            if stored is None or stored["policy"] != body.policy:
+                raise
+            return json_response(decision_out(stored, include_pmf))
     else:
         admit_candidates(principal, body.policy, [c.features for c in body.candidates])
         # Positional, from a list: half the cost of keywords and a generator (50-500 a request)

@@ -6,9 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 from fastapi.testclient import TestClient
 
+from bandit_service.apikeys import create_key, make_entry
 from bandit_service.app import create_app
 from bandit_service.catalog import MAX_BATCH_ITEMS
 from bandit_service.config import Settings
@@ -169,3 +171,57 @@ def test_bad_catalog_changes(client: TestClient) -> None:
     assert ok(client.get(BASE))["version"] == 0
     error(client.get(f"{BASE}/items/{'x' * 300}"), 422)
     error(client.get(f"{BASE}/items", params={"limit": 0}), 422)
+
+
+def test_a_retried_catalog_decision_is_answered_from_the_log(client: TestClient) -> None:
+    """A retry with the same event id returns the logged decision even after the catalog
+    lost an item of the selection, or everything."""
+    ok(client.post(f"{BASE}/items", json={"items": ITEMS}))
+    by_ids = {"candidate_ids": ["a", "b"], "event_id": "retry-ids"}
+    whole = {"event_id": "retry-all"}
+    first = [ok(client.post("/v1/decisions", json=body)) for body in (by_ids, whole)]
+    ok(client.delete(f"{BASE}/items/b"))
+    assert ok(client.post("/v1/decisions", json=by_ids))["slots"] == first[0]["slots"]
+    ok(client.delete(f"{BASE}/items"))
+    assert ok(client.post("/v1/decisions", json=whole))["slots"] == first[1]["slots"]
+    # A new event id still gets the catalog's answer: the retry rule is for logged events.
+    error(client.post("/v1/decisions", json={"candidate_ids": ["a"], "event_id": "new"}), 422)
+
+
+def test_catalog_items_are_checked_again_when_identifiers_stop_being_allowed(
+    settings: Settings,
+) -> None:
+    policy_file = settings.policies_dir / "default.toml"
+    original = policy_file.read_text()
+    policy_file.write_text(original + "allow_identifier_features = true\n")
+    app = create_app(settings)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        items = [ITEMS[0], {"id": "x", "features": {"contact": "ann@example.com"}}]
+        ok(client.post(f"{BASE}/items", json={"items": items}))
+        ok(client.post("/v1/decisions", json={"candidate_ids": ["a", "x"]}))  # allowed now
+        policy_file.write_text(original)
+        assert client.portal.call(app.state.service.reload_policies) == ["default"]
+        for body in ({"candidate_ids": ["a", "x"]}, {}):
+            found = error(client.post("/v1/decisions", json=body), 422)
+            assert "catalog item 'x'" in found["message"] and "identifier" in found["message"]
+        ok(client.post("/v1/decisions", json={"candidate_ids": ["a"]}))
+
+
+def test_a_keys_feature_limit_applies_to_catalog_candidates(settings: Settings) -> None:
+    admin, limited = create_key(), create_key()
+    entries = [
+        make_entry(admin, name="admin", scopes=["admin", "decide", "read"]),
+        make_entry(limited, name="lim", scopes=["decide"], max_features_per_candidate=2),
+    ]
+    keys = orjson.dumps([e.model_dump(exclude_none=True) for e in entries]).decode()
+    app = create_app(settings.model_copy(update={"api_keys": keys}))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        wide = {"id": "w", "features": {"f1": 1, "f2": 2, "f3": 3}}
+        items = {"items": [ITEMS[0], wide]}
+        ok(client.post(f"{BASE}/items", json=items, headers={"X-API-Key": admin}))
+        as_limited = {"X-API-Key": limited}
+        ok(client.post("/v1/decisions", json={"candidate_ids": ["a"]}, headers=as_limited))
+        for body in ({"candidate_ids": ["a", "w"]}, {}):
+            found = error(client.post("/v1/decisions", json=body, headers=as_limited), 422)
+            assert found["field"] == "candidate_ids[1].features"
+            assert "3 features exceed" in found["message"]

@@ -180,3 +180,21 @@ def test_store_metrics_degrade_to_up_zero_when_the_store_cannot_be_read(
     assert "bandit_store_metrics_up 0.0" in text
     assert "bandit_decisions_total" in text or "bandit_http_requests" in text  # live still served
     engine.dispose()
+
+
+def test_an_app_that_stopped_is_freed(settings: Settings) -> None:
+    """The lifespan freezes start-up objects out of the collector's reach while serving;
+    after shutdown they must be collectable again, or every app a process builds (tests,
+    embedding) keeps its service, models and VW workspaces for good."""
+    import gc
+    import weakref
+
+    thresholds = gc.get_threshold()
+    app = create_app(settings)
+    with TestClient(app) as client:
+        assert client.get("/healthz").status_code == 200
+    service = weakref.ref(app.state.service)
+    del app, client
+    gc.collect()
+    assert service() is None
+    assert gc.get_threshold() == thresholds
