@@ -8,6 +8,9 @@ unreachable the PostgreSQL half is skipped locally, but in CI (``CI`` set) or wi
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import uuid
 from collections.abc import Iterator
@@ -63,6 +66,23 @@ def _postgres_unavailable() -> str | None:
 def pytest_sessionstart(session: pytest.Session) -> None:
     if REQUIRE_POSTGRES and (error := _postgres_unavailable()):
         pytest.exit(f"PostgreSQL is required (CI) but unreachable at {POSTGRES_URL}: {error}", 3)
+
+
+# Each test builds services whose VW workspaces, trainer and writer threads allocate from
+# several malloc arenas; freed memory stays mapped in them, and a test worker's RSS grew to
+# 5-7 GB over the suite (measured: after gc.collect() and malloc_trim(0) it stays at
+# ~140 MB, so nothing leaks). Collecting and handing free pages back after each test
+# keeps workers small.
+_LIBC_NAME = ctypes.util.find_library("c")
+_MALLOC_TRIM = getattr(ctypes.CDLL(_LIBC_NAME), "malloc_trim", None) if _LIBC_NAME else None
+
+
+@pytest.fixture(autouse=True)
+def _return_freed_memory() -> Iterator[None]:
+    yield
+    if _MALLOC_TRIM is not None:
+        gc.collect()  # the services' reference cycles first, then their pages
+        _MALLOC_TRIM(0)
 
 
 @pytest.fixture
