@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from bandit_service.api.auth import Principal, admit_candidates, require
+from bandit_service.api.auth import Principal, admit_candidates, admit_policy, require
 from bandit_service.api.catalog_decide import catalog_candidates
 from bandit_service.api.fast_body import FastDecision, decode_decision
 from bandit_service.api.json_route import JsonModelRoute, fast_path
@@ -147,8 +147,9 @@ async def _decide(
         except InvalidRequest:
             # A retry of a logged decision is answered from the log, whatever the
             # catalog holds now (items removed, cleared, grown past the limit).
-            if body.event_id is None:
+            if body.event_id is None or body.candidates is not None:
                 raise
+            admit_policy(principal, body.policy)  # the key may see this policy's events
             try:
                 stored = await service.get_decision(body.event_id)
             except NotFound:

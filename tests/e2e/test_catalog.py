@@ -225,3 +225,23 @@ def test_a_keys_feature_limit_applies_to_catalog_candidates(settings: Settings) 
             found = error(client.post("/v1/decisions", json=body, headers=as_limited), 422)
             assert found["field"] == "candidate_ids[1].features"
             assert "3 features exceed" in found["message"]
+
+
+def test_a_retry_from_the_log_respects_the_keys_policies(settings: Settings) -> None:
+    admin, other = create_key(), create_key()
+    entries = [
+        make_entry(admin, name="admin", scopes=["admin", "decide", "read"]),
+        make_entry(other, name="other", scopes=["decide"], policies=["bounded"]),
+    ]
+    keys = orjson.dumps([e.model_dump(exclude_none=True) for e in entries]).decode()
+    app = create_app(settings.model_copy(update={"api_keys": keys}))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        as_admin = {"X-API-Key": admin}
+        ok(client.post(f"{BASE}/items", json={"items": ITEMS}, headers=as_admin))
+        body = {"candidate_ids": ["a", "b"], "event_id": "guarded"}
+        ok(client.post("/v1/decisions", json=body, headers=as_admin))
+        ok(client.delete(f"{BASE}/items/b", headers=as_admin))
+        error(client.post("/v1/decisions", json=body, headers={"X-API-Key": other}), 403)
+        both = {**body, "candidates": [ITEMS[0]]}  # malformed stays malformed
+        error(client.post("/v1/decisions", json=both, headers=as_admin), 422)
+        ok(client.post("/v1/decisions", json=body, headers=as_admin))
