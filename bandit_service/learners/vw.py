@@ -225,7 +225,8 @@ class VWLearner:
 
 class ActionExamples:
     """Candidates' action lines parsed once into VW examples that are reused by every
-    learned event offering the same eligible lines.
+    learned event offering the same eligible lines, and by every prediction over a kept
+    candidate set, whichever subset of it a slot finds eligible (:class:`_VWScorer`).
 
     Why: parsing the ~50 action lines of an event is about half of VW's own cost per
     learned event, yet for a given eligible set they are the same text every time; only
