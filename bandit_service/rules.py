@@ -20,8 +20,9 @@ is exactly P(candidate shown in slot k | context, candidates, rules, slots 0..k-
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,10 +46,15 @@ class FeatureTest:
     equals: Any
 
     def matches(self, features: Mapping[str, Any]) -> bool:
-        value = feature_value(features, self.feature)
-        if isinstance(value, list):
-            return any(_same(item, self.equals) for item in value)
-        return _same(value, self.equals)
+        return self.matcher(features)
+
+    @functools.cached_property
+    def matcher(self) -> Callable[[Mapping[str, Any]], bool]:
+        """:meth:`matches` as one function specialised for this test's feature name and
+        value type: filters and boosts run it for every candidate of every request (500
+        candidates: ~0.5 ms as three generic calls each). Same answers as
+        :func:`feature_value` + :func:`_same` (tests/unit/test_rules.py compares them)."""
+        return _compile_test(self.feature, self.equals)
 
 
 @dataclass(frozen=True)
@@ -93,20 +99,38 @@ class RuleSet:
         return self.freshness is not None or bool(self.boosts)
 
     def excluded_by_filters(self, features: Mapping[str, Any]) -> bool:
-        return any(test.matches(features) for test in self.exclude_if)
+        return self._excluded(features)
 
     def weight(self, features: Mapping[str, Any], now: float) -> float:
         """The multiplicative weight of a candidate (1 without freshness or boosts)."""
         weight = 1.0
-        for boost in self.boosts:
-            if boost.test.matches(features):
-                weight *= boost.factor
+        for matches, factor in self._boost_matchers:
+            if matches(features):
+                weight *= factor
         fresh = self.freshness
         if fresh is not None:
             age = _age(feature_value(features, fresh.feature), fresh.timestamp, now)
             if age is not None and 0 <= age < fresh.max_age:  # a future time is not fresh
                 weight *= fresh.boost
         return weight
+
+    # Compiled tests (see FeatureTest.matcher), kept outside the dataclass fields so that
+    # equality, hashing and the policy's version hash (asdict) are unchanged.
+    @functools.cached_property
+    def _excluded(self) -> Callable[[Mapping[str, Any]], bool]:
+        """Does any filter match? (One filter, the usual case: its own matcher.)"""
+        matchers = tuple(test.matcher for test in self.exclude_if)
+        if len(matchers) == 1:
+            return matchers[0]
+
+        def any_filter(features: Mapping[str, Any]) -> bool:
+            return any(matches(features) for matches in matchers)
+
+        return any_filter
+
+    @functools.cached_property
+    def _boost_matchers(self) -> tuple[tuple[Callable[[Mapping[str, Any]], bool], float], ...]:
+        return tuple((boost.test.matcher, boost.factor) for boost in self.boosts)
 
 
 def feature_value(features: Mapping[str, Any], name: str) -> Any:
@@ -129,6 +153,63 @@ def group_key(features: Mapping[str, Any], name: str) -> str | None:
     if isinstance(value, list):
         return "|".join(sorted(str(v) for v in value))
     return f"{type(value).__name__}:{value}"
+
+
+def _compile_test(name: str, target: Any) -> Callable[[Mapping[str, Any]], bool]:
+    """``features -> bool`` for ``FeatureTest(name, target)``: the feature's value (as
+    :func:`feature_value` finds it) is ``target`` by :func:`_same`, or is a list with such
+    an item. Booleans match booleans only, numbers numbers only (``1`` is not ``True``)."""
+    same: Callable[[Any], bool]
+    if isinstance(target, bool):
+
+        def same(value: Any) -> bool:
+            return value is target  # True and False are singletons, and bools only
+
+        def in_list(values: list[Any]) -> bool:
+            return any(item is target for item in values)
+
+    elif isinstance(target, int | float):
+
+        def same(value: Any) -> bool:
+            kind = type(value)
+            if kind is int or kind is float:
+                return bool(value == target)
+            return (
+                not isinstance(value, bool) and isinstance(value, int | float) and value == target
+            )
+
+        def in_list(values: list[Any]) -> bool:
+            return any(same(item) for item in values)
+
+    elif isinstance(target, str):
+
+        def same(value: Any) -> bool:
+            return bool(value == target)  # a boolean never equals a string
+
+        def in_list(values: list[Any]) -> bool:
+            return target in values  # identity or ==, as ``same`` for strings
+
+    else:  # not produced by parse_rules; the generic comparison
+
+        def same(value: Any) -> bool:
+            return _same(value, target)
+
+        def in_list(values: list[Any]) -> bool:
+            return any(_same(item, target) for item in values)
+
+    if "." in name:
+
+        def matches(features: Mapping[str, Any]) -> bool:
+            value = feature_value(features, name)
+            return in_list(value) if isinstance(value, list) else same(value)
+
+        return matches
+
+    def matches_flat(features: Mapping[str, Any]) -> bool:
+        value = features.get(name)  # feature_value without a dot in the name
+        return in_list(value) if isinstance(value, list) else same(value)
+
+    return matches_flat
 
 
 def _same(value: Any, target: Any) -> bool:

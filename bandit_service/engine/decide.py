@@ -86,7 +86,14 @@ class DecisionEngine:
             if policy.rules.reweights and not holdout
             else None
         )
-        rng = sampling.event_rng(request.event_id)
+        # Only online draws use the generator (seeded by the event id): holdout and
+        # baseline slots are deterministic.
+        uniform = (
+            sampling.event_rng(request.event_id).random
+            if not holdout and not policy.serves_baseline
+            else None
+        )
+        all_ids = [c.id for c in candidates]
         choices: list[SlotChoice] = []
         for k, slot in enumerate(request.slots):
             if k in page.pins:
@@ -98,7 +105,7 @@ class DecisionEngine:
                 )
                 continue
             allowed = page.allowed(k)
-            ids = [candidates[i].id for i in allowed]
+            ids = [all_ids[i] for i in allowed]
             model_id = None
             if holdout:
                 chosen = ranking(ids, popularity)[0]
@@ -108,9 +115,9 @@ class DecisionEngine:
                 chosen, pmf, model_id = self._baseline(policy, scorer, k, slot, ids, allowed)
                 explored = False
             else:
-                assert scorer is not None
+                assert scorer is not None and uniform is not None
                 chosen, pmf, explored = self._draw(
-                    policy, scorer, k, slot, allowed, ids, weights, popularity, rng.random
+                    policy, scorer, k, slot, allowed, ids, weights, popularity, uniform
                 )
             choices.append(
                 SlotChoice(
@@ -228,11 +235,13 @@ class _Page:
     pins: dict[int, int]
     counts: list[Counter[str]] = field(default_factory=list)
     slot_excluded: list[frozenset[str]] = field(default_factory=list)
+    # keys[c][i]: candidate i's group key under cap c (None: not capped), computed once
+    # per request rather than for every free candidate at every slot.
+    keys: list[list[str | None]] = field(default_factory=list)
 
     @classmethod
     def plan(cls, policy: PolicyConfig, request: DecisionRequest) -> _Page:
         candidates = request.candidates
-        index = {c.id: i for i, c in enumerate(candidates)}
         rules = policy.rules
         excluded = (
             {
@@ -242,9 +251,13 @@ class _Page:
             if request.excluded or rules.exclude_if
             else set()
         )  # fmt: skip
-        pins = _plan_pins(policy, request, index, excluded)
+        pins = _plan_pins(policy, request, excluded) if request.pins or rules.pins else {}
         pinned = set(pins.values())
-        free = [i for i in range(len(candidates)) if i not in excluded and i not in pinned]
+        free = (
+            [i for i in range(len(candidates)) if i not in excluded and i not in pinned]
+            if excluded or pinned
+            else list(range(len(candidates)))
+        )
         open_slots = len(request.slots) - len(pins)
         if open_slots > len(free):
             raise InvalidRequest(
@@ -255,6 +268,9 @@ class _Page:
         page = cls(policy, candidates, len(request.slots), free, pins)
         page.slot_excluded = [slot.excluded for slot in request.slots]
         page.counts = [Counter() for _ in rules.max_per_value]
+        page.keys = [
+            [group_key(c.features, cap.feature) for c in candidates] for cap in rules.max_per_value
+        ]
         for i in pinned:  # pins count towards the caps of the whole page
             page._count(i)
         for cap, counts in zip(rules.max_per_value, page.counts, strict=True):
@@ -267,16 +283,11 @@ class _Page:
                 )
         return page
 
-    def _key(self, i: int, cap_index: int) -> str | None:
-        return group_key(
-            self.candidates[i].features, self.policy.rules.max_per_value[cap_index].feature
-        )
-
     def _count(self, i: int) -> None:
-        for c in range(len(self.counts)):
-            key = self._key(i, c)
+        for counts, keys in zip(self.counts, self.keys, strict=True):
+            key = keys[i]
             if key is not None:
-                self.counts[c][key] += 1
+                counts[key] += 1
 
     def place(self, i: int) -> None:
         self.free.remove(i)
@@ -298,13 +309,13 @@ class _Page:
             allowed = [i for i in allowed if self.candidates[i].id not in banned]
         for c, cap in enumerate(self.policy.rules.max_per_value):
             counts = self.counts[c]
-            keys = {i: self._key(i, c) for i in self.free}
+            keys = self.keys[c]
             allowed = [
                 i for i in allowed
                 if keys[i] is None or counts[keys[i]] < cap.max  # type: ignore[index]
             ]  # fmt: skip
             if later:
-                available = Counter(keys.values())
+                available = Counter([keys[i] for i in self.free])
 
                 def room(key: str | None, n: int, placed: int, cap_max: int = cap.max) -> int:
                     return n if key is None else min(n, max(0, cap_max - placed))
@@ -332,16 +343,14 @@ class _Page:
 
 
 def _plan_pins(
-    policy: PolicyConfig,
-    request: DecisionRequest,
-    index: Mapping[str, int],
-    excluded: set[int],
+    policy: PolicyConfig, request: DecisionRequest, excluded: set[int]
 ) -> dict[int, int]:
     """Slot -> candidate position. A request pin is the caller's explicit wish: an unknown,
     excluded, doubly pinned or out-of-page one is a 422 naming ``pins``. A policy pin is a
     standing rule: it does not apply to a page without its candidate (not offered, or
     excluded), beyond a shorter page, or where a request pin claims its slot or moves its
     candidate."""
+    index = {c.id: i for i, c in enumerate(request.candidates)}
     slots = len(request.slots)
     pins: dict[int, int] = {}
     requested_ids: set[str] = set()

@@ -24,6 +24,12 @@ def normalise(weights: Sequence[float]) -> list[float]:
     VW returns float32 probabilities whose sum may differ from 1 by rounding; normalising
     once, here, makes the logged numbers the exact ones used by :func:`draw`.
     """
+    total = sum(weights)
+    if total > 0.0 and min(weights) > 0.0:
+        # Every weight positive (a NaN makes ``total`` NaN): nothing to clip, and the
+        # same numbers as below. The usual case: exploration keeps every action's
+        # probability above zero.
+        return [w / total for w in weights]
     clipped = [w if w > 0.0 else 0.0 for w in weights]
     total = sum(clipped)
     if not total > 0.0:

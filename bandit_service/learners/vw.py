@@ -111,17 +111,23 @@ class VWLearner:
             with self._lock:
                 kept = self.action_examples.examples(actions, shared)
                 if kept is not None:
-                    batch = self._ws._parse(shared)
-                    batch.extend(kept)
-                    try:
-                        _pylibvw.vw.predict_multi(self._ws, batch)
-                        return list(batch[0].get_action_scores())
-                    except BaseException:
-                        self.action_examples.clear()  # see _learn_reusing
-                        raise
-                    finally:
-                        _pylibvw.vw._finish_example_multi_ex(self._ws, batch)
+                    return self._predict_reusing(shared, kept)
         return self.predict_lines([shared, *actions])
+
+    def _predict_reusing(self, shared: str, actions: list[Any]) -> list[float]:
+        """The pmf over kept examples ``actions`` (distinct objects) after ``shared``,
+        parsed now. Caller holds the lock."""
+        batch = self._ws._parse(shared)
+        batch.extend(actions)
+        try:
+            _pylibvw.vw.predict_multi(self._ws, batch)
+            return list(batch[0].get_action_scores())
+        except BaseException:
+            if self.action_examples is not None:
+                self.action_examples.clear()  # see _learn_reusing
+            raise
+        finally:
+            _pylibvw.vw._finish_example_multi_ex(self._ws, batch)
 
     def action_scores(self, lines: list[str]) -> list[float]:
         """The model's score (predicted cost, lower is better) of each action line after the
@@ -219,7 +225,8 @@ class VWLearner:
 
 class ActionExamples:
     """Candidates' action lines parsed once into VW examples that are reused by every
-    learned event offering the same eligible lines.
+    learned event offering the same eligible lines, and by every prediction over a kept
+    candidate set, whichever subset of it a slot finds eligible (:class:`_VWScorer`).
 
     Why: parsing the ~50 action lines of an event is about half of VW's own cost per
     learned event, yet for a given eligible set they are the same text every time; only
@@ -268,11 +275,16 @@ class ActionExamples:
         self._seen: dict[tuple[str, ...], int] = {}
         self._calls = self._served = self._refused = 0
         self.reused = 0  # events served from kept examples, in all
+        self.generation = 0  # changed by every clear()
 
     def __len__(self) -> int:
         return len(self._by_line)
 
     def clear(self) -> None:
+        """Drop every kept example. ``generation`` changes, so that scorers holding
+        examples from before (:meth:`kept`) stop using them: after a VW error they may
+        not be as parsed any more."""
+        self.generation += 1
         self._by_line.clear()
         self._lists.clear()
         self._seen.clear()
@@ -287,6 +299,20 @@ class ActionExamples:
         subtracts their squares again afterwards, which in floating point need not give
         back the namespace's sum of squares exactly. With distinct letters the merged
         namespaces are removed whole, and the examples are as parsed again."""
+        found = self.kept(lines)
+        if found is None or not self.fits(shared):
+            return None
+        self.note_served()
+        return found
+
+    def kept(self, lines: tuple[str, ...]) -> list[Any] | None:
+        """The kept examples of ``lines``, in order, whatever the shared line (check it
+        with :meth:`fits` before each use), or None: not kept (yet). Any subset of them
+        may be used as the actions of one batch: they are distinct objects, one a line.
+
+        A scorer asks this once per request for all of its candidates and then picks
+        each slot's eligible ones by position, instead of building, hashing and listing
+        a tuple of every slot's eligible lines (~70 µs a slot for 500 candidates)."""
         self._calls += 1
         if self._calls >= self.review_every:
             if self._refused > self._served:
@@ -295,13 +321,17 @@ class ActionExamples:
         found = self._lists.get(lines)
         if found is None:
             found = self._build(lines)
-            if found is None:
-                return None
-        if not found or any(needle in shared for needle in self._needles):
-            return None
+        return found or None  # []: a set that is never kept
+
+    def fits(self, shared: str) -> bool:
+        """May kept examples be the actions of a batch with this shared line? (See
+        :meth:`examples`: not when a shared namespace is indexed like a kept line's.)"""
+        return not any(needle in shared for needle in self._needles)
+
+    def note_served(self) -> None:
+        """Count one batch served from kept examples (for the review, and ``reused``)."""
         self._served += 1
         self.reused += 1
-        return found
 
     def _build(self, lines: tuple[str, ...]) -> list[Any] | None:
         """Keep ``lines``' examples once they have been asked for ``build_after`` times,
@@ -362,14 +392,30 @@ def _namespace_letters(line: str) -> frozenset[str]:
 
 
 class _VWScorer:
-    """Renders each candidate once per request and reuses the text for every slot."""
+    """One request's candidates, rendered once and scored slot after slot.
+
+    The candidates' action lines come from ``candidates.action_lines`` when the caller has
+    them (a tuple computed once for a repeated candidate set), else from the learner's
+    line cache. Their kept examples (:class:`ActionExamples`) are looked up once, for all
+    candidates, at the first slot; each slot then takes its eligible ones by position, so
+    every subset is served from the same kept examples without a per-slot key.
+    """
 
     def __init__(
         self, learner: VWLearner, context: Mapping[str, Any], candidates: Sequence[Candidate]
     ) -> None:
         self._learner = learner
         self._context = context
-        self._lines = [learner.lines.line(c.id, c.features) for c in candidates]
+        lines = getattr(candidates, "action_lines", None)
+        if lines is None:
+            line = learner.lines.line
+            lines = tuple([line(c.id, c.features) for c in candidates])
+        elif not isinstance(lines, tuple):
+            lines = tuple(lines)
+        self._lines: tuple[str, ...] = lines
+        self._asked = False  # has the first slot looked up the kept examples?
+        self._kept: list[Any] | None = None
+        self._generation = 0
         # The context's rendering, made at the first slot and reused by the others; the
         # service stores it with the decision for the trainer (None: never rendered).
         self.context_line: str | None = None
@@ -380,5 +426,20 @@ class _VWScorer:
         if self.context_line is None:
             self.context_line = vw_text.render_context(self._context)
         shared = vw_text.shared_line_from(self.context_line, slot_index, slot_features)
-        lines = self._lines
-        return self._learner.predict_actions(shared, tuple([lines[i] for i in eligible]))
+        learner, lines = self._learner, self._lines
+        examples = learner.action_examples
+        if examples is not None:
+            with learner._lock:
+                if not self._asked:
+                    self._asked = True
+                    self._kept = examples.kept(lines)
+                    self._generation = examples.generation
+                kept = self._kept
+                if (
+                    kept is not None
+                    and examples.generation == self._generation  # not cleared since
+                    and examples.fits(shared)
+                ):
+                    examples.note_served()
+                    return learner._predict_reusing(shared, [kept[i] for i in eligible])
+        return learner.predict_lines([shared, *[lines[i] for i in eligible]])
