@@ -9,11 +9,13 @@ from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy import Engine
+from starlette.types import Receive, Scope, Send
 
 from bandit_service import __version__
+from bandit_service.api import hot_routes
 from bandit_service.api.auth import install_auth
 from bandit_service.api.catalog_routes import router as catalog_router
-from bandit_service.api.errors import BodySizeLimit, install_error_handlers
+from bandit_service.api.errors import install_error_handlers, payload_too_large
 from bandit_service.api.personalizer import document as document_personalizer
 from bandit_service.api.personalizer import router as personalizer_router
 from bandit_service.api.privacy_routes import router as privacy_router
@@ -37,9 +39,26 @@ from bandit_service.service import DecisionService
 SERVING_GC_THRESHOLDS = (20_000, 50, 100)
 
 
+class BanditApp(FastAPI):
+    """FastAPI, with the hot routes' pre-router in front (``api/hot_routes.py``): the
+    decision and reward requests go straight to their route's fast path, the rest (and
+    every request before the app has started) through FastAPI as usual."""
+
+    hot_routes: hot_routes.HotRoutes | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hot = self.hot_routes
+        if hot is not None and scope["type"] == "http":
+            stack = hot.match(scope)
+            if stack is not None:
+                await stack(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(
     settings: Settings | None = None, engine: Engine | None = None, *, under_server: bool = False
-) -> FastAPI:
+) -> BanditApp:
     """Build the app. Policies are loaded (and validated) now, so bad config fails at start.
 
     ``under_server``: running under uvicorn (``serve``), so SIGTERM drains the service
@@ -54,6 +73,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        app.hot_routes = hot_routes.arm(app, [router])  # once started: see BanditApp
         if under_server:
             drain.install()
         # Everything allocated so far (libraries, schemas, models) lives for the whole
@@ -65,6 +85,7 @@ def create_app(
         try:
             yield
         finally:
+            app.hot_routes = None
             drain.uninstall()
             await service.close()
             metrics.process_stopped()
@@ -73,7 +94,7 @@ def create_app(
             gc.unfreeze()
             gc.set_threshold(*thresholds)
 
-    app = FastAPI(
+    app = BanditApp(
         title="bandit-service",
         version=__version__,
         description=(
@@ -96,12 +117,16 @@ def create_app(
     _document_personalizer_errors(app)
     install_error_handlers(app)
     install_auth(app, keyring)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestContext, access_log=settings.access_log)  # outermost: ids, latency
+    app.add_middleware(
+        RequestContext,  # the only middleware: ids, latency, body limit (ops/http.py)
+        access_log=settings.access_log,
+        max_body_bytes=settings.max_body_bytes,
+        too_large=payload_too_large(settings.max_body_bytes),
+    )
     return app
 
 
-def app_from_env() -> FastAPI:
+def app_from_env() -> BanditApp:
     """Factory for ``uvicorn --factory`` (each worker process builds its own app)."""
     return create_app(Settings(), under_server=True)
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -15,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from bandit_service.errors import (
     Conflict,
@@ -147,55 +146,17 @@ def install_error_handlers(app: FastAPI) -> None:
         )  # fmt: skip
 
 
-class BodySizeLimit:
-    """Refuse request bodies over ``max_bytes`` with 413, before they are buffered whole."""
+def payload_too_large(max_bytes: int) -> Callable[[Scope], Response]:
+    """The 413 answer for a body over ``max_bytes``, in the shape of the API the path
+    belongs to; the request-context middleware (``ops/http.py``) sends it before the
+    body is buffered whole."""
+    message = f"request body exceeds {max_bytes} bytes (BANDIT_MAX_BODY_BYTES)"
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._too_large(scope, receive, send)
-                return
-        received = 0
-        too_large = False
-
-        async def limited_receive() -> Message:
-            nonlocal received, too_large
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    too_large = True
-                    raise _TooLarge
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            # Once the body is known to be too large, whatever the app answers (frameworks
-            # turn a failed body read into a 400) is replaced by our 413.
-            if not too_large:
-                await send(message)
-
-        with contextlib.suppress(_TooLarge):
-            await self.app(scope, limited_receive, guarded_send)
-        if too_large:
-            await self._too_large(scope, receive, send)
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message = f"request body exceeds {self.max_bytes} bytes (BANDIT_MAX_BODY_BYTES)"
+    def answer(scope: Scope) -> Response:
         if str(scope.get("path", "")).startswith("/personalizer/"):
             from bandit_service.api.personalizer.errors import error_body
 
-            response = error_body(413, "PayloadSizeExceeded", message, "body")
-        else:
-            response = error_response(413, "payload_too_large", message, "body")
-        await response(scope, receive, send)
+            return error_body(413, "PayloadSizeExceeded", message, "body")
+        return error_response(413, "payload_too_large", message, "body")
 
-
-class _TooLarge(Exception):
-    pass
+    return answer

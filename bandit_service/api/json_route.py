@@ -16,6 +16,10 @@ A route may also declare a *fast path* (:func:`fast_path`): a function of the re
 answers the common, well-formed request without FastAPI's dependency solving and body
 validation, or returns None to leave the request to FastAPI. It must give the same
 answer FastAPI's path would (docs/performance.md: the decision route's).
+
+The hot routes' pre-router (``api/hot_routes.py``) calls a route's fast path before any of
+FastAPI's routing; when that declines, it hands the request to FastAPI marked with
+``FAST_PATH_DECLINED`` in its scope, so that the route does not try the fast path twice.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ def _body_model(endpoint: Callable[..., Any]) -> type[BaseModel] | None:
 
 
 FastPath = Callable[[Request], Awaitable[Response | None]]
+FAST_PATH_DECLINED = "bandit.fast_path_declined"  # scope key: the fast path said None
 _Endpoint = TypeVar("_Endpoint", bound=Callable[..., Any])
 
 
@@ -92,7 +97,11 @@ class JsonModelRoute(APIRoute):
         fast: FastPath | None = getattr(self.endpoint, "fast_path", None)
 
         async def route_handler(request: Request) -> Response:
-            if fast is not None and (response := await fast(request)) is not None:
+            if (
+                fast is not None
+                and FAST_PATH_DECLINED not in request.scope
+                and (response := await fast(request)) is not None
+            ):
                 return response
             return await handler(_ModelRequest(request, model))
 

@@ -1,20 +1,34 @@
-"""Per-request context: request id (echoed in ``X-Request-ID``), latency metrics, request log.
+"""Per-request context: request id (echoed in ``X-Request-ID``), latency metrics, request log,
+and the request-body size limit.
 
 An incoming ``X-Request-ID`` is kept when it is sane (1-128 characters of letters, digits
 and ``._:-``), so a caller's or a proxy's id follows the request through our logs;
 anything else is replaced by a fresh one (never echoed: it could be a header-injection or
 log-forging attempt). Latency is recorded per method and *route template*
 (``/v1/decisions/{event_id}/rewards``), never the raw path, so a label cannot explode.
+
+Bodies over ``max_bytes`` are refused with 413 before they are buffered whole: at once when
+``Content-Length`` says so (no route is known yet: the request is labelled ``unmatched``),
+else as soon as the bytes received pass the limit (whatever the app then answers, a
+framework turning the failed read into a 400, is replaced by the 413).
+
+Both used to be separate middlewares; one layer scans the headers once and wraps
+``send``/``receive`` once, which is per-request work every decision paid twice
+(``benchmarks/framework_overhead.py``). The same layer serves the hot routes' pre-router
+(``bandit_service/api/hot_routes.py``), so both paths answer alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bandit_service.ops import metrics
@@ -24,7 +38,12 @@ log = logging.getLogger("bandit_service.http")
 
 SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 HEADER = b"x-request-id"
+_CONTENT_LENGTH = b"content-length"
 _METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
+
+# ``too_large(scope)``: the 413 answer for a body over the limit (its shape depends on the
+# API the path belongs to; see ``bandit_service.api.errors.payload_too_large``).
+TooLarge = Callable[[Scope], Response]
 
 
 def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
@@ -40,16 +59,44 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
 class RequestContext:
     """Outermost app middleware (inside Starlette's own error middleware)."""
 
-    def __init__(self, app: ASGIApp, access_log: bool = False) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        access_log: bool = False,
+        max_body_bytes: int | None = None,
+        too_large: TooLarge | None = None,
+    ) -> None:
+        if max_body_bytes is not None and too_large is None:
+            raise ValueError("a body limit needs its 413 answer (too_large)")
         self.app = app
+        self.access_log = access_log
         self.level = logging.INFO if access_log else logging.DEBUG
+        self.max_body_bytes = max_body_bytes
+        self.too_large = too_large
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def around(self, app: ASGIApp) -> RequestContext:
+        """The same context (settings and metric children) around another app: the hot
+        routes' pre-router answers exactly as the full app's stack does."""
+        twin = RequestContext(app, self.access_log, self.max_body_bytes, self.too_large)
+        twin._children = self._children
+        return twin
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = request_id_from(scope.get("headers", []))
+        request_id: str | None = None
+        over = False
+        limit = self.max_body_bytes
+        for name, value in scope.get("headers", ()):  # one scan for both headers
+            if name == HEADER:
+                if request_id is None:  # the first one counts
+                    text = value.decode("latin-1")
+                    request_id = text if SANE_REQUEST_ID.match(text) else ""
+            elif name == _CONTENT_LENGTH and limit is not None:
+                over = over or (value.isdigit() and int(value) > limit)
+        request_id = request_id or uuid.uuid4().hex
         token = REQUEST_ID.set(request_id)
         start = time.perf_counter()
         status = 500
@@ -63,7 +110,7 @@ class RequestContext:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await self._limited(scope, receive, send_with_id, over)
         except BaseException:
             # Starlette's outer error middleware answers 500 and logs through our handler,
             # which echoes the id: keep it set (the task ends with the request anyway).
@@ -71,6 +118,43 @@ class RequestContext:
             raise
         self._record(scope, status, start)
         REQUEST_ID.reset(token)
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send, over: bool) -> None:
+        """The app, with the body limit: ``over`` when a Content-Length exceeds it."""
+        limit = self.max_body_bytes
+        if limit is None:
+            await self.app(scope, receive, send)
+            return
+        if over:
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+        too_large = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    too_large = True
+                    raise _TooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            # Once the body is known to be too large, whatever the app answers (frameworks
+            # turn a failed body read into a 400) is replaced by our 413.
+            if not too_large:
+                await send(message)
+
+        with contextlib.suppress(_TooLarge):
+            await self.app(scope, limited_receive, guarded_send)
+        if too_large:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self.too_large is not None
+        await self.too_large(scope)(scope, receive, send)
 
     def _record(self, scope: Scope, status: int, start: float) -> None:
         elapsed = time.perf_counter() - start
@@ -92,3 +176,7 @@ class RequestContext:
                 extra={"event": "request", "method": method, "route": route,
                        "status": status, "duration_ms": round(elapsed * 1000, 3)},
             )  # fmt: skip
+
+
+class _TooLarge(Exception):
+    pass
