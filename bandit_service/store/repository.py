@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from typing import Any, cast
 
 import orjson
-import psycopg
 from sqlalchemy import (
     JSON,
     CursorResult,
@@ -138,7 +137,7 @@ def insert_decisions(session: Session, rows: Sequence[dict[str, Any]]) -> None:
             del out["context_line"]
     dialect = session.get_bind().dialect.name
     candidate_sets = sorted(sets.items())
-    if dialect == "postgresql" and _copy_decisions(session, candidate_sets, stored):
+    if dialect in _INSERT_SETS_SQL and _append_decisions(session, dialect, candidate_sets, stored):
         return
     session.execute(
         _INSERT_CANDIDATE_SETS[dialect],
@@ -161,70 +160,86 @@ _INSERT_CANDIDATE_SETS = {
 
 @contextmanager
 def _driver_connection(session: Session) -> Iterator[Any]:
-    """The session's psycopg connection (in the session's transaction), for what
-    SQLAlchemy has no statement for (``COPY``). A psycopg error comes out as SQLAlchemy's
-    (``IntegrityError``, ``OperationalError`` ...), as from ``session.execute``, and a lost
-    connection is invalidated, so callers (the writer's retries, its "store unreachable"
-    test) cannot tell the two paths apart."""
+    """The session's DBAPI connection (psycopg or sqlite3, in the session's transaction),
+    for what SQLAlchemy has no statement for (``COPY``) or adds only cost to. A driver
+    error comes out as SQLAlchemy's (``IntegrityError``, ``OperationalError`` ...), as from
+    ``session.execute``, and a lost connection is invalidated, so callers (the writer's
+    retries, its "store unreachable" test) cannot tell the two paths apart."""
     connection = session.connection()
+    dialect = connection.dialect
     raw = connection.connection.driver_connection
     try:
         yield raw
-    except psycopg.Error as exc:
-        disconnect = connection.dialect.is_disconnect(exc, raw, None)
+    except dialect.loaded_dbapi.Error as exc:
+        disconnect = dialect.is_disconnect(exc, raw, None)
         if disconnect and not connection.invalidated:
             connection.invalidate(exc)
         raise sa_exc.DBAPIError.instance(
-            None, None, exc, psycopg.Error, connection_invalidated=disconnect,
-            dialect=connection.dialect,
+            None, None, exc, dialect.loaded_dbapi.Error, connection_invalidated=disconnect,
+            dialect=dialect,
         ) from exc  # fmt: skip
 
 
 _JSON_COLUMNS = frozenset(c.name for c in DecisionRow.__table__.columns if isinstance(c.type, JSON))
 _DECISION_DEFAULTS = {"deferred": False}  # the one Python-side default (models.DecisionRow)
-_PG_INSERT_SETS = (
-    "INSERT INTO candidate_sets (key, candidates) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING"
-)
+_INSERT_SETS_SQL = {
+    "postgresql": "INSERT INTO candidate_sets (key, candidates) VALUES (%s, %s) "
+    "ON CONFLICT (key) DO NOTHING",
+    "sqlite": "INSERT INTO candidate_sets (key, candidates) VALUES (?, ?) "
+    "ON CONFLICT (key) DO NOTHING",
+}
 
 
-def _copy_decisions(
-    session: Session, candidate_sets: list[tuple[str, str]], stored: list[dict[str, Any]]
+def _append_decisions(
+    session: Session,
+    dialect: str,
+    candidate_sets: list[tuple[str, str]],
+    stored: list[dict[str, Any]],
 ) -> bool:
-    """PostgreSQL: append ``stored`` with ``COPY`` on the session's own connection (same
-    transaction); false, writing nothing, for rows of differing columns (the caller then
-    inserts them as before).
+    """Append ``stored`` (and their candidate sets) through the driver, on the session's
+    own connection and transaction; false, writing nothing, for rows of differing columns
+    (the caller then inserts them with SQLAlchemy, as before).
 
-    Why: the group-commit batch's ``INSERT`` ran once per row (psycopg's pipelined
-    executemany) through SQLAlchemy's per-row parameter processing; ``COPY`` is one
-    statement -- one partition-routing set-up in the server instead of one per row -- and
-    its rows are encoded by psycopg's C dumpers. Measured on 30-row batches of d50x1
-    decisions: ~22 instead of ~47 µs of client CPU a row, ~46 instead of ~76 µs of server
-    CPU (docs/performance.md). JSON columns are encoded with orjson, as the engine's
+    Why: SQLAlchemy's executemany processes every row's parameters in Python (~25-45 µs a
+    row) before the driver sees them. On PostgreSQL the rows go in with ``COPY``: one
+    statement -- one partition-routing set-up in the server instead of one per row --
+    whose rows psycopg's C dumpers encode. Isolated write path, 64-row batches of d50x1
+    decisions: ~50 instead of ~100-140 µs of client CPU a row and ~45 instead of ~70-90 µs
+    of server CPU (docs/performance.md). On SQLite, sqlite3's own executemany with one
+    prebuilt statement. JSON columns are encoded with orjson, as the engine's
     ``json_serializer`` does (store/database.py), so the stored values are the same; rows
-    are copied in order, so positions follow the batch as with the ``INSERT``."""
+    go in order, so positions follow the batch as with the ``INSERT``."""
     columns = list(stored[0])
     keys = stored[0].keys()
     if any(out.keys() != keys for out in stored):
         return False
-    # A column left out gets SQLAlchemy's Python-side default in the INSERT; COPY would
-    # give it the server's (none), so it is sent explicitly.
-    defaults = [(name, value) for name, value in _DECISION_DEFAULTS.items() if name not in columns]
+    # A column left out gets SQLAlchemy's Python-side default in its INSERT; the driver
+    # would give it the server's (none), so it is sent explicitly.
+    extra = [(name, value) for name, value in _DECISION_DEFAULTS.items() if name not in keys]
+    names = ", ".join([*columns, *(name for name, _value in extra)])
     encoders = [(name, name in _JSON_COLUMNS) for name in columns]
+    tail = [value for _name, value in extra]
     dumps = orjson.dumps
-    names = ", ".join([*columns, *(name for name, _value in defaults)])
-    with _driver_connection(session) as raw, raw.cursor() as cursor:
-        if len(candidate_sets) == 1:
-            cursor.execute(_PG_INSERT_SETS, candidate_sets[0])
-        else:
-            cursor.executemany(_PG_INSERT_SETS, candidate_sets)
-        with cursor.copy(f"COPY decisions ({names}) FROM STDIN") as copy:
-            write_row = copy.write_row
-            for out in stored:
-                values = [
-                    dumps(out[name]).decode() if is_json else out[name]
-                    for name, is_json in encoders
-                ]
-                write_row([*values, *(value for _name, value in defaults)] if defaults else values)
+    values = [
+        [dumps(out[name]).decode() if is_json else out[name] for name, is_json in encoders] + tail
+        for out in stored
+    ]
+    with _driver_connection(session) as raw:
+        cursor = raw.cursor()
+        try:
+            if len(candidate_sets) == 1:
+                cursor.execute(_INSERT_SETS_SQL[dialect], candidate_sets[0])
+            else:
+                cursor.executemany(_INSERT_SETS_SQL[dialect], candidate_sets)
+            if dialect == "postgresql":
+                with cursor.copy(f"COPY decisions ({names}) FROM STDIN") as copy:
+                    for row in values:
+                        copy.write_row(row)
+            else:
+                marks = ", ".join("?" * (len(columns) + len(extra)))
+                cursor.executemany(f"INSERT INTO decisions ({names}) VALUES ({marks})", values)
+        finally:
+            cursor.close()
     return True
 
 

@@ -175,3 +175,20 @@ def test_rows_of_different_columns_in_one_batch_are_stored_too(db: Engine) -> No
         stored = repository.get_decision(session, "plain")
     assert lines == {"plain": None, "rendered": "|c x"}
     assert stored is not None and stored["activated_at"] is None
+
+
+def test_a_driver_error_surfaces_as_sqlalchemys(db: Engine) -> None:
+    """The writer tells a bad write from an unreachable store by SQLAlchemy's exception
+    types; the driver-level append must raise those, not sqlite3's or psycopg's."""
+    from sqlalchemy.exc import IntegrityError
+
+    with Session(db) as session, session.begin():
+        repository.insert_decisions(session, [decision("twice", "p", 1.0)])
+    rows = [{**decision("twice", "p", 1.0), "candidates": [{"id": "a"}, {"id": "other"}]}]
+    rows[0]["slots"] = [{"slot": 0, "id": "a", "probability": 1.0, "pmf": [["a", 1.0]]}]
+    with Session(db) as session, session.begin():
+        if db.dialect.name == "postgresql":  # no unique key there: a NOT NULL one instead
+            rows[0]["policy_version"] = None
+        with pytest.raises(IntegrityError):
+            repository.insert_decisions(session, rows)
+        session.rollback()
