@@ -116,7 +116,10 @@ def decision_for_reward(session: Session, event_id: str) -> dict[str, Any] | Non
 
 def insert_decisions(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     """Append decisions given in their written shape (``candidates`` a list, slots with
-    ``pmf``), storing each distinct candidate set once and distributions compactly."""
+    ``pmf``), storing each distinct candidate set once and distributions compactly.
+
+    On PostgreSQL this takes the log-append lock first (:func:`serialize_log_appends`), so
+    every appender's positions commit in order, not only the writer's."""
     if not rows:
         return
     sets: dict[str, str] = {}
@@ -139,6 +142,7 @@ def insert_decisions(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     candidate_sets = sorted(sets.items())
     if dialect in _INSERT_SETS_SQL and _append_decisions(session, dialect, candidate_sets, stored):
         return
+    serialize_log_appends(session)
     session.execute(
         _INSERT_CANDIDATE_SETS[dialect],
         [{"key": key, "candidates": text} for key, text in candidate_sets],
@@ -227,15 +231,17 @@ def _append_decisions(
     with _driver_connection(session) as raw:
         cursor = raw.cursor()
         try:
-            if len(candidate_sets) == 1:
-                cursor.execute(_INSERT_SETS_SQL[dialect], candidate_sets[0])
-            else:
-                cursor.executemany(_INSERT_SETS_SQL[dialect], candidate_sets)
             if dialect == "postgresql":
+                # One round trip for BEGIN (if this opens the transaction), the log-append
+                # lock and the candidate sets; then the COPY.
+                with raw.pipeline():
+                    cursor.execute(_LOG_APPEND_LOCK_SQL, (_LOG_APPEND_LOCK,))
+                    cursor.executemany(_INSERT_SETS_SQL[dialect], candidate_sets)
                 with cursor.copy(f"COPY decisions ({names}) FROM STDIN") as copy:
                     for row in values:
                         copy.write_row(row)
             else:
+                cursor.executemany(_INSERT_SETS_SQL[dialect], candidate_sets)
                 marks = ", ".join("?" * (len(columns) + len(extra)))
                 cursor.executemany(f"INSERT INTO decisions ({names}) VALUES ({marks})", values)
         finally:
@@ -340,12 +346,13 @@ def serialize_log_appends(session: Session) -> None:
     out of order and a trainer that has already moved past the later position would never
     see the earlier one. Holding one transaction-scoped advisory lock while appending makes
     commit order equal position order. SQLite already allows one writer at a time.
+
+    :func:`insert_decisions` takes it (in one round trip with the candidate sets), so it is
+    held only from the append to the commit. A writer's batch takes its event-id locks
+    (:func:`lock_event_ids`) before, never after, so the two kinds cannot deadlock.
     """
     if session.get_bind().dialect.name == "postgresql":
-        # Through psycopg directly: once per group-commit batch, SQLAlchemy's statement
-        # handling cost more Python than the round trip.
-        with _driver_connection(session) as raw, raw.cursor() as cursor:
-            cursor.execute(_LOG_APPEND_LOCK_SQL, (_LOG_APPEND_LOCK,))
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOG_APPEND_LOCK})
 
 
 _LOG_APPEND_LOCK = 0x62616E646974  # "bandit"

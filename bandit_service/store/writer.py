@@ -257,9 +257,8 @@ class BatchWriter:
     def _commit_once(self, batch: list[_Write]) -> list[Any]:
         start = time.perf_counter()
         try:
+            # (Positions commit in log order: insert_decisions takes the log-append lock.)
             with Session(self._connect()) as session, session.begin():
-                if any(w.kind == "decision" for w in batch):
-                    repository.serialize_log_appends(session)
                 outcomes = _apply(session, batch, self._late_margin)
         except BaseException:
             # The next attempt (a retry, or the next batch) checks a connection out afresh.

@@ -192,3 +192,32 @@ def test_a_driver_error_surfaces_as_sqlalchemys(db: Engine) -> None:
         with pytest.raises(IntegrityError):
             repository.insert_decisions(session, rows)
         session.rollback()
+
+
+def test_appends_commit_in_position_order_across_transactions(db: Engine) -> None:
+    """PostgreSQL: a second appender waits for the first one's commit (the log-append lock
+    that insert_decisions takes), so a trainer past a position never misses an earlier one."""
+    if db.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer at a time")
+    import threading
+
+    first = Session(db)
+    first.begin()
+    repository.insert_decisions(first, [decision("first", "p", 1.0)])
+    done = threading.Event()
+
+    def second() -> None:
+        with Session(db) as session, session.begin():
+            repository.insert_decisions(session, [decision("second", "p", 2.0)])
+        done.set()
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    assert not done.wait(0.5)  # held behind the uncommitted first append
+    first.commit()
+    first.close()
+    assert done.wait(10)
+    thread.join()
+    with Session(db) as session:
+        order = list(session.scalars(select(DecisionRow.event_id).order_by(DecisionRow.position)))
+    assert order == ["first", "second"]
