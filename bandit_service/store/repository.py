@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, cast
 
 import orjson
 from sqlalchemy import (
+    JSON,
     CursorResult,
     Table,
     Text,
@@ -21,6 +23,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import cast as cast_
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -113,7 +116,10 @@ def decision_for_reward(session: Session, event_id: str) -> dict[str, Any] | Non
 
 def insert_decisions(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     """Append decisions given in their written shape (``candidates`` a list, slots with
-    ``pmf``), storing each distinct candidate set once and distributions compactly."""
+    ``pmf``), storing each distinct candidate set once and distributions compactly.
+
+    On PostgreSQL this takes the log-append lock first (:func:`serialize_log_appends`), so
+    every appender's positions commit in order, not only the writer's."""
     if not rows:
         return
     sets: dict[str, str] = {}
@@ -133,9 +139,13 @@ def insert_decisions(session: Session, rows: Sequence[dict[str, Any]]) -> None:
         for out in stored:
             del out["context_line"]
     dialect = session.get_bind().dialect.name
+    candidate_sets = sorted(sets.items())
+    if dialect in _INSERT_SETS_SQL and _append_decisions(session, dialect, candidate_sets, stored):
+        return
+    serialize_log_appends(session)
     session.execute(
         _INSERT_CANDIDATE_SETS[dialect],
-        [{"key": key, "candidates": text} for key, text in sorted(sets.items())],
+        [{"key": key, "candidates": text} for key, text in candidate_sets],
     )
     session.execute(_INSERT_DECISIONS, stored)
 
@@ -150,6 +160,93 @@ _INSERT_CANDIDATE_SETS = {
     )
     for dialect, make in (("postgresql", postgresql_insert), ("sqlite", sqlite_insert))
 }
+
+
+@contextmanager
+def _driver_connection(session: Session) -> Iterator[Any]:
+    """The session's DBAPI connection (psycopg or sqlite3, in the session's transaction),
+    for what SQLAlchemy has no statement for (``COPY``) or adds only cost to. A driver
+    error comes out as SQLAlchemy's (``IntegrityError``, ``OperationalError`` ...), as from
+    ``session.execute``, and a lost connection is invalidated, so callers (the writer's
+    retries, its "store unreachable" test) cannot tell the two paths apart."""
+    connection = session.connection()
+    dialect = connection.dialect
+    raw = connection.connection.driver_connection
+    try:
+        yield raw
+    except dialect.loaded_dbapi.Error as exc:
+        disconnect = dialect.is_disconnect(exc, raw, None)
+        if disconnect and not connection.invalidated:
+            connection.invalidate(exc)
+        raise sa_exc.DBAPIError.instance(
+            None, None, exc, dialect.loaded_dbapi.Error, connection_invalidated=disconnect,
+            dialect=dialect,
+        ) from exc  # fmt: skip
+
+
+_JSON_COLUMNS = frozenset(c.name for c in DecisionRow.__table__.columns if isinstance(c.type, JSON))
+_DECISION_DEFAULTS = {"deferred": False}  # the one Python-side default (models.DecisionRow)
+_INSERT_SETS_SQL = {
+    "postgresql": "INSERT INTO candidate_sets (key, candidates) VALUES (%s, %s) "
+    "ON CONFLICT (key) DO NOTHING",
+    "sqlite": "INSERT INTO candidate_sets (key, candidates) VALUES (?, ?) "
+    "ON CONFLICT (key) DO NOTHING",
+}
+
+
+def _append_decisions(
+    session: Session,
+    dialect: str,
+    candidate_sets: list[tuple[str, str]],
+    stored: list[dict[str, Any]],
+) -> bool:
+    """Append ``stored`` (and their candidate sets) through the driver, on the session's
+    own connection and transaction; false, writing nothing, for rows of differing columns
+    (the caller then inserts them with SQLAlchemy, as before).
+
+    Why: SQLAlchemy's executemany processes every row's parameters in Python (~25-45 µs a
+    row) before the driver sees them. On PostgreSQL the rows go in with ``COPY``: one
+    statement -- one partition-routing set-up in the server instead of one per row --
+    whose rows psycopg's C dumpers encode. Measured on the writer alone, 64-row batches of
+    d50x1 decisions: ~50 instead of ~90-140 µs of client CPU a row and ~45 instead of
+    ~60-90 µs of server CPU. On SQLite, sqlite3's own executemany with one prebuilt
+    statement: ~30 instead of ~37 µs a row. JSON columns are encoded with orjson, as the engine's
+    ``json_serializer`` does (store/database.py), so the stored values are the same; rows
+    go in order, so positions follow the batch as with the ``INSERT``."""
+    columns = list(stored[0])
+    keys = stored[0].keys()
+    if any(out.keys() != keys for out in stored):
+        return False
+    # A column left out gets SQLAlchemy's Python-side default in its INSERT; the driver
+    # would give it the server's (none), so it is sent explicitly.
+    extra = [(name, value) for name, value in _DECISION_DEFAULTS.items() if name not in keys]
+    names = ", ".join([*columns, *(name for name, _value in extra)])
+    encoders = [(name, name in _JSON_COLUMNS) for name in columns]
+    tail = [value for _name, value in extra]
+    dumps = orjson.dumps
+    values = [
+        [dumps(out[name]).decode() if is_json else out[name] for name, is_json in encoders] + tail
+        for out in stored
+    ]
+    with _driver_connection(session) as raw:
+        cursor = raw.cursor()
+        try:
+            if dialect == "postgresql":
+                # One round trip for BEGIN (if this opens the transaction), the log-append
+                # lock and the candidate sets; then the COPY.
+                with raw.pipeline():
+                    cursor.execute(_LOG_APPEND_LOCK_SQL, (_LOG_APPEND_LOCK,))
+                    cursor.executemany(_INSERT_SETS_SQL[dialect], candidate_sets)
+                with cursor.copy(f"COPY decisions ({names}) FROM STDIN") as copy:
+                    for row in values:
+                        copy.write_row(row)
+            else:
+                cursor.executemany(_INSERT_SETS_SQL[dialect], candidate_sets)
+                marks = ", ".join("?" * (len(columns) + len(extra)))
+                cursor.executemany(f"INSERT INTO decisions ({names}) VALUES ({marks})", values)
+        finally:
+            cursor.close()
+    return True
 
 
 def insert_rewards(session: Session, rows: Sequence[dict[str, Any]]) -> set[str]:
@@ -220,12 +317,6 @@ def lock_event_ids(session: Session, event_ids: Iterable[str]) -> None:
         )
 
 
-def event_id_is_unique_key(session: Session) -> bool:
-    """Does the store refuse a second decision with the same event id by itself? SQLite
-    (a unique index) yes; PostgreSQL's partitioned log cannot have that index."""
-    return session.get_bind().dialect.name != "postgresql"
-
-
 def _event_lock_key(event_id: str) -> int:
     """A signed 64-bit advisory-lock key for an event id (collisions only serialize)."""
     digest = hashlib.blake2b(event_id.encode(), digest_size=8, person=b"event-id").digest()
@@ -255,12 +346,17 @@ def serialize_log_appends(session: Session) -> None:
     out of order and a trainer that has already moved past the later position would never
     see the earlier one. Holding one transaction-scoped advisory lock while appending makes
     commit order equal position order. SQLite already allows one writer at a time.
+
+    :func:`insert_decisions` takes it (in one round trip with the candidate sets), so it is
+    held only from the append to the commit. A writer's batch takes its event-id locks
+    (:func:`lock_event_ids`) before, never after, so the two kinds cannot deadlock.
     """
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOG_APPEND_LOCK})
 
 
 _LOG_APPEND_LOCK = 0x62616E646974  # "bandit"
+_LOG_APPEND_LOCK_SQL = "SELECT pg_advisory_xact_lock(%s)"
 
 
 def rewards_for(session: Session, event_id: str) -> list[dict[str, Any]]:
