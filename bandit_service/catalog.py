@@ -17,27 +17,28 @@ request names them (``candidate_ids``) or omits candidates to use the whole cata
   serves it at once.
 * **Logging is unchanged.** A decision logs the candidates it was made over, features
   included, in the compact log's content-addressed candidate sets: rewards, the trainer,
-  OPE and explanations read the same shape as for inline candidates. A snapshot caches
-  each selection's candidate-set key and JSON text (:class:`CatalogCandidates`), so a
-  repeated selection is not serialised and hashed again per decision.
+  OPE and explanations read the same shape as for inline candidates. A snapshot keeps
+  each selection as a :class:`CatalogCandidates` (``candidate_sets.KeptCandidates``:
+  candidate-set key and JSON text, ids, identifier scan, VW lines), so a repeated
+  selection is not serialised, hashed or rendered again per decision.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from bandit_service.candidate_sets import KeptCandidates
 from bandit_service.domain import Candidate, DecisionRequest
 from bandit_service.errors import InvalidRequest, NotFound
 from bandit_service.identifiers import find_identifier
 from bandit_service.store import catalog as store
-from bandit_service.store import compact
 
 MAX_BATCH_ITEMS = 1000  # items per change request: one transaction, one body
 MAX_CATALOG_ITEMS = 100_000  # live items per policy (each process holds them all)
@@ -47,47 +48,24 @@ TOMBSTONE_SECONDS = 86400.0  # removed items are remembered this long, then purg
 SELECTION_CACHE_CANDIDATES = 50_000
 
 
-class LoggedCandidates(list[dict[str, Any]]):
-    """The logged form of a selection (``[{"id", "features"}, ...]``) with its compact-log
-    candidate-set ``(key, JSON text)`` computed once (see ``store/compact.candidate_set``).
-    Shared by every decision over the selection: never mutated."""
-
-    content_key: tuple[str, str]
-
-    def __init__(self, items: Iterable[dict[str, Any]]) -> None:
-        super().__init__(items)
-        self.content_key = compact.candidate_set(self)
-
-
-class CatalogCandidates(tuple[Candidate, ...]):
-    """Candidates taken from a catalog snapshot, in selection order; ``logged`` is their
-    stored form. Behaves as a plain tuple everywhere else."""
-
-    logged: LoggedCandidates
-    identifier: tuple[str, str] | bool | None  # catalog_identifier's answer; False: unknown
-
-    def __new__(cls, candidates: Iterable[Candidate]) -> CatalogCandidates:
-        self = super().__new__(cls, candidates)
-        self.logged = LoggedCandidates({"id": c.id, "features": c.features} for c in self)
-        self.identifier = False
-        return self
+class CatalogCandidates(KeptCandidates):
+    """Candidates taken from a catalog snapshot, in selection order, kept with what
+    decisions derive from them (``candidate_sets.KeptCandidates``: ``logged`` is their
+    stored form). A distinct type: the service checks catalog items for identifiers in
+    its own way (:func:`catalog_identifier`). Behaves as a plain tuple everywhere else."""
 
 
 def catalog_identifier(selection: CatalogCandidates) -> tuple[str, str] | None:
     """(field, kind) of the first catalog item feature in ``selection`` that looks like a
     direct identifier, or None. Items are checked when written, under the policy of that
     time; a policy may stop allowing identifiers later, so selections are checked again,
-    once each (the result is kept on the cached selection)."""
-    if selection.identifier is False:
-        probe = DecisionRequest("", "", tuple(selection), (), {})
-        found = find_identifier(probe)
-        if found is not None:  # name the catalog item, not a request field
-            index = int(found[0].split("]", 1)[0].removeprefix("candidates["))
-            rest = found[0].split("]", 1)[1]
-            found = (f"catalog item {selection[index].id!r}{rest}", found[1])
-        selection.identifier = found
-        return found
-    return selection.identifier if isinstance(selection.identifier, tuple) else None
+    once each (the scan is kept on the cached selection)."""
+    found = selection.identifier_scan().found()
+    if found is not None:  # name the catalog item, not a request field
+        index = int(found[0].split("]", 1)[0].removeprefix("candidates["))
+        rest = found[0].split("]", 1)[1]
+        found = (f"catalog item {selection[index].id!r}{rest}", found[1])
+    return found
 
 
 class CatalogSnapshot:

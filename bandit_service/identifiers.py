@@ -25,12 +25,12 @@ What counts (deliberately narrow, to avoid refusing ordinary values):
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
 
-from bandit_service.domain import DecisionRequest
+from bandit_service.domain import Candidate, DecisionRequest
 
 _EMAIL = r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"
 _INTERNATIONAL = r"\+[ (]*\d(?:[ ().\-]*\d){6,14}[ )]*"
@@ -120,7 +120,14 @@ def _walk(path: str, features: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
 def find_identifier(request: DecisionRequest) -> tuple[str, str] | None:
     """(field path, kind) of the first feature that looks like a direct identifier, or whose
     name or string value is the request's raw ``user_id`` (which must only ever be stored as
-    a keyed hash)."""
+    a keyed hash).
+
+    Candidates given as a kept set (``bandit_service/candidate_sets.py``) bring their own
+    :class:`CandidatesScan`, made once per set: only the context and slots are scanned
+    here, and the answer is the one the whole scan gives."""
+    identifier_scan = getattr(request.candidates, "identifier_scan", None)
+    if identifier_scan is not None:
+        return _find_with_scan(request, identifier_scan())
     data = orjson.dumps(
         [request.context, [c.features for c in request.candidates],
          [s.features for s in request.slots]],
@@ -128,13 +135,82 @@ def find_identifier(request: DecisionRequest) -> tuple[str, str] | None:
     )  # fmt: skip
     user_id = request.user_id
     if user_id is not None and orjson.dumps(user_id) in data:
-        for path, features in _maps(request):
-            for field, text in _walk(path, features):
-                if text == user_id:
-                    return field, "the raw user_id"
+        found = _find_user_id(_maps(request), user_id)
+        if found is not None:
+            return found
     if not _may_hold_identifier(data):
         return None
-    for path, features in _maps(request):
+    return _find_kind(_maps(request))
+
+
+class CandidatesScan:
+    """What :func:`find_identifier` learns from a candidate set alone, kept with the set.
+
+    ``find_identifier`` pre-checks the request's JSON with substring searches and, only if
+    one hits, walks every feature in order (context, candidates, slots) for the first
+    identifier. The pre-check's answer on the whole request is the OR of its answers on
+    the parts (a hit never spans two feature maps: it is one JSON string), so the
+    candidates' part (``may_hold``) and their walk (:meth:`first`, which splits values on
+    newlines as the walk does, so it may find what the pre-check did not) are kept, and
+    the request's answer is unchanged, to the field it names."""
+
+    def __init__(self, candidates: Sequence[Candidate], json_text: str) -> None:
+        self._candidates = candidates
+        self.json_text = json_text  # any JSON text holding the features as orjson writes them
+        data = orjson.dumps([c.features for c in candidates], default=_json_default)
+        self.may_hold = _may_hold_identifier(data)
+        self._first: tuple[str, str] | bool | None = False  # False: not walked yet
+
+    def first(self) -> tuple[str, str] | None:
+        """The walk's first identifier in the candidates (request paths), or None."""
+        if self._first is False:
+            self._first = _find_kind(
+                (f"candidates[{i}].features", c.features) for i, c in enumerate(self._candidates)
+            )
+        assert self._first is not True
+        return self._first
+
+    def found(self) -> tuple[str, str] | None:
+        """:func:`find_identifier`'s answer for these candidates alone (no user id)."""
+        return self.first() if self.may_hold else None
+
+
+def _find_with_scan(request: DecisionRequest, scan: CandidatesScan) -> tuple[str, str] | None:
+    """:func:`find_identifier` with the candidates' part taken from ``scan``."""
+    data = orjson.dumps(
+        [request.context, [s.features for s in request.slots]], default=_json_default
+    )
+    user_id = request.user_id
+    if user_id is not None:
+        needle = orjson.dumps(user_id)
+        if needle in data or needle.decode() in scan.json_text:
+            found = _find_user_id(_maps(request), user_id)
+            if found is not None:
+                return found
+    if not scan.may_hold and not _may_hold_identifier(data):
+        return None
+    found = _find_kind([("context", request.context)])
+    if found is None:
+        found = scan.first()
+    if found is None:
+        found = _find_kind(
+            (f"slots[{i}].features", slot.features) for i, slot in enumerate(request.slots)
+        )
+    return found
+
+
+def _find_user_id(
+    maps: Iterable[tuple[str, Mapping[str, Any]]], user_id: str
+) -> tuple[str, str] | None:
+    for path, features in maps:
+        for field, text in _walk(path, features):
+            if text == user_id:
+                return field, "the raw user_id"
+    return None
+
+
+def _find_kind(maps: Iterable[tuple[str, Mapping[str, Any]]]) -> tuple[str, str] | None:
+    for path, features in maps:
         for field, text in _walk(path, features):
             # A value with a newline was split in the joined scan: check its lines.
             for part in text.splitlines() if "\n" in text else [text]:

@@ -379,6 +379,8 @@ class DecisionService:
                     "candidate_ids",
                 )
             request = dataclasses.replace(request, candidates=())
+        # Inline candidates kept from earlier requests (candidate_sets.KeptCandidates) bring
+        # their scan along: only the context and slots are scanned per request.
         found = find_identifier(request)
         if found is not None:
             field, kind = found
@@ -751,7 +753,7 @@ def decision_row(
         "user_key": user_key,
         "context": {} if opted_out else _jsonable(request.context),
         "context_line": None if opted_out else decision.context_line,  # the trainer's text
-        "candidates": getattr(request.candidates, "logged", None)  # a catalog selection
+        "candidates": getattr(request.candidates, "logged", None)  # a kept set: built once
         or [{"id": c.id, "features": _jsonable(c.features)} for c in request.candidates],
         "slots": [_slot_json(c, slot_features.get(c.slot_id, {})) for c in decision.slots],
         "excluded": [] if opted_out else sorted(request.excluded),

@@ -197,8 +197,15 @@ def admit_candidates(
     policy: str,
     candidate_features: Sequence[Mapping[str, Any]],
     field: str = "candidates",
+    *,
+    most: int | None = None,
 ) -> None:
-    """The policy, the number of candidates and the features of each, against the key."""
+    """The policy, the number of candidates and the features of each, against the key.
+
+    ``most``: the largest feature count among ``candidate_features`` when the caller knows
+    it (a kept candidate set, ``candidate_sets.KeptCandidates.max_features``); within the
+    limit, the candidates need not be counted one by one. Over it, they are, to name the
+    first one over (the same error either way)."""
     admit_policy(principal, policy)
     limits = principal.limits
     keyed = not principal.anonymous
@@ -211,6 +218,8 @@ def admit_candidates(
         )
     if limits.max_features_per_candidate >= MAX_FEATURES:
         return  # the request schema already refuses more than MAX_FEATURES per candidate
+    if most is not None and most <= limits.max_features_per_candidate:
+        return
     for i, features in enumerate(candidate_features):
         count = count_features(features)
         if count > limits.max_features_per_candidate:

@@ -38,5 +38,7 @@ def catalog_candidates(
     limit = min(service.settings.max_candidates, principal.limits.max_candidates)
     selected = catalog.resolve(service.catalog.snapshot(body.policy), body.candidate_ids, limit)
     if principal.limits.max_features_per_candidate < MAX_FEATURES:
-        admit_candidates(principal, body.policy, [c.features for c in selected], "candidate_ids")
+        admit_candidates(
+            principal, body.policy, selected.features, "candidate_ids", most=selected.max_features
+        )
     return selected

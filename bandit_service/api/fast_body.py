@@ -21,6 +21,18 @@ the error. The subset leaves out, so that no check is needed here:
   ``DecisionIn`` and not here simply takes the pydantic path.
 
 ``tests/unit/test_fast_body.py`` checks the subset property on valid and invalid bodies.
+
+**Inline candidates are kept.** A page's candidates usually repeat from request to request
+(the same 50 items, a different context per user), and decoding their ~500 feature values
+was most of this decoder's time. The body is decoded with ``candidates`` left as raw JSON
+bytes (``msgspec.Raw``); those bytes are looked up in :data:`KEPT_SETS`, and only a miss
+decodes them (``list[FastCandidate]``, the same constraints) and builds a
+``candidate_sets.KeptCandidates``, which then also spares the rest of the decision path
+its per-candidate work (see that module). Equal bytes decode to equal candidates, so a hit
+means exactly what decoding would; what depends on the request or the key (limits,
+duplicate ids, identifier rules per policy) is still checked per request downstream. The
+same subset holds: a candidates array that does not decode returns None, as before (it
+is not kept: errors are always worded by pydantic).
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
+from msgspec.structs import astuple
 
 from bandit_service.api.features import (
     MAX_ABS_NUMBER,
@@ -37,6 +50,8 @@ from bandit_service.api.features import (
     MAX_NAME_LENGTH,
     MAX_STRING_LENGTH,
 )
+from bandit_service.candidate_sets import KeptCandidates, KeptSetCache
+from bandit_service.domain import Candidate
 from bandit_service.learners.vw_text import NAMESPACE_NAME
 
 # The same bounds as api/schemas.py and api/features.py. Patterns end in \Z: ``$`` would
@@ -79,10 +94,9 @@ class FastPin(_Strict):
     slot: Annotated[int, Meta(ge=0, le=10_000)]
 
 
-class FastDecision(_Strict):
-    """``DecisionIn``'s fields, with the same names, so the route reads either."""
+class _Fields(_Strict):
+    """``DecisionIn``'s fields but ``candidates``, with the same names."""
 
-    candidates: list[FastCandidate] | None = None
     candidate_ids: Annotated[list[_Identifier], Meta(max_length=10_000)] | None = None
     policy: _Identifier = "default"
     user_id: _Identifier | None = None
@@ -101,7 +115,27 @@ class FastDecision(_Strict):
     pins: Annotated[list[FastPin], Meta(max_length=10_000)] = msgspec.field(default_factory=list)
 
 
-_DECISION = msgspec.json.Decoder(FastDecision)
+_NULL = msgspec.Raw(b"null")
+
+
+class _Body(_Fields):
+    """What is decoded: ``candidates`` as its raw JSON (``null`` when absent)."""
+
+    candidates: msgspec.Raw = _NULL
+
+
+class FastDecision(_Fields):
+    """``DecisionIn``'s fields, with the same names, so the route reads either: the
+    candidates, when given, as a (possibly shared) kept set. Never decoded directly."""
+
+    candidates: KeptCandidates | None = None
+
+
+_DECISION = msgspec.json.Decoder(_Body)
+_CANDIDATES = msgspec.json.Decoder(list[FastCandidate])
+# Inline candidate sets of this process, by their raw JSON. Module-level: each worker
+# process has its own, and in the service only the event loop's thread uses it.
+KEPT_SETS = KeptSetCache()
 
 
 def decode_decision(body: bytes) -> FastDecision | None:
@@ -115,7 +149,29 @@ def decode_decision(body: bytes) -> FastDecision | None:
         return None
     if not _namespaces_ok(decision.context):
         return None
-    return decision
+    *fields, raw = astuple(decision)  # the same fields, in the same order; candidates last
+    if raw == _NULL:
+        return FastDecision(*fields)
+    candidates = kept_candidates(bytes(raw))
+    if candidates is None:
+        return None
+    fields.append(candidates)
+    return FastDecision(*fields)
+
+
+def kept_candidates(raw: bytes) -> KeptCandidates | None:
+    """The candidates whose JSON is ``raw`` (from a body without ``\\u`` escapes), kept
+    from an earlier request or decoded now; None when they are outside the fast subset."""
+    found = KEPT_SETS.get(raw)
+    if found is not None:
+        return found
+    try:
+        decoded = _CANDIDATES.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    kept = KeptCandidates([Candidate(c.id, c.features) for c in decoded])
+    KEPT_SETS.put(raw, kept)
+    return kept
 
 
 def _namespaces_ok(features: dict[str, Any]) -> bool:

@@ -38,13 +38,34 @@ KEY_LENGTH = 32  # hex characters of a BLAKE2b-128 digest
 def candidate_set(candidates: Sequence[dict[str, Any]]) -> tuple[str, str]:
     """``(key, json_text)`` of a request's candidates (``[{"id":…, "features":…}, …]``).
 
-    A catalog selection carries both, computed once per catalog version (``content_key``,
-    see ``bandit_service/catalog.py``), instead of per decision."""
+    A kept candidate set (a catalog selection, or inline candidates seen before) carries
+    both, computed once (``content_key``, see ``bandit_service/candidate_sets.py``),
+    instead of per decision."""
     cached: tuple[str, str] | None = getattr(candidates, "content_key", None)
     if cached is not None:
         return cached
     data = orjson.dumps(candidates)
     return hashlib.blake2b(data, digest_size=16).hexdigest(), data.decode()
+
+
+class CandidateIds(list[str]):
+    """A candidate set's ids with each one's position (as :func:`compact_slots` maps them:
+    the last, if repeated), built once for a kept candidate set instead of per decision."""
+
+    position: dict[str, int]
+
+    def __init__(self, ids: Iterable[str]) -> None:
+        super().__init__(ids)
+        self.position = {cid: i for i, cid in enumerate(self)}
+
+
+def candidate_ids(candidates: Sequence[dict[str, Any]]) -> Sequence[str]:
+    """The ids of a request's candidates (``[{"id":…, "features":…}, …]``), for
+    :func:`compact_slots`: a kept set's :class:`CandidateIds`, else a new list."""
+    cached: CandidateIds | None = getattr(candidates, "ids", None)
+    if cached is not None:
+        return cached
+    return [c["id"] for c in candidates]
 
 
 def runs(indices: Iterable[int]) -> list[int]:
@@ -81,8 +102,12 @@ def compact_slots(slots: Sequence[dict[str, Any]], ids: Sequence[str]) -> list[d
 
     On the decision write path (up to 500 candidates x 5 slots), so the usual case, one
     contiguous run, is recognised by a C-speed list comparison instead of a Python loop.
+    ``ids`` given as :class:`CandidateIds` (:func:`candidate_ids` of a kept set) bring
+    their positions along.
     """
-    position = {cid: i for i, cid in enumerate(ids)}
+    position: dict[str, int] | None = getattr(ids, "position", None)
+    if position is None:
+        position = {cid: i for i, cid in enumerate(ids)}
     out = []
     for slot in slots:
         pmf: list[Any] = slot.get("pmf") or []

@@ -3,6 +3,7 @@ and mean the same by it; everything else it leaves to pydantic, which words the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from typing import Any
@@ -11,19 +12,23 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from bandit_service.api import fast_body
 from bandit_service.api.fast_body import FastDecision, decode_decision
 from bandit_service.api.schemas import DecisionIn
+from bandit_service.candidate_sets import KeptCandidates, KeptSetCache
 
 
 def _plain(value: Any) -> Any:
     """A request as nested plain values with their types, dict order kept (it reaches VW
     and the log): a msgspec struct and a pydantic model with equal fields compare equal."""
     fields = getattr(value, "__struct_fields__", None) or getattr(type(value), "model_fields", None)
+    if dataclasses.is_dataclass(value):  # a kept set's Candidate
+        fields = [f.name for f in dataclasses.fields(value)]
     if fields is not None:
         return {name: _plain(getattr(value, name)) for name in sorted(fields)}
     if isinstance(value, dict):
         return [(k, _plain(v)) for k, v in value.items()]
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):  # a kept set is a tuple
         return [_plain(v) for v in value]
     return value, type(value).__name__
 
@@ -40,11 +45,17 @@ def _authority(body: bytes) -> DecisionIn | None:
 
 
 def _check(body: bytes) -> FastDecision | None:
+    """The fast decoder's answer, asked twice: the second time its candidates (if any)
+    come from the kept sets, and must mean the same."""
     fast = decode_decision(body)
+    again = decode_decision(body)
+    assert (fast is None) == (again is None), body[:300]
     if fast is not None:
+        assert again is not None
         slow = _authority(body)
         assert slow is not None, f"fast path accepted what DecisionIn refuses: {body[:300]!r}"
-        assert _plain(fast) == _plain(slow), body[:300]
+        assert _plain(fast) == _plain(slow) == _plain(again), body[:300]
+        assert again.candidates is fast.candidates  # kept: the same set, not a copy
     return fast
 
 
@@ -195,3 +206,91 @@ def test_the_fast_decoder_knows_every_field_of_the_schema() -> None:
     """A field added to DecisionIn but not to FastDecision still works (such bodies take
     pydantic's path) but loses the fast path: add it to api/fast_body.py too."""
     assert set(FastDecision.__struct_fields__) == set(DecisionIn.model_fields)
+
+
+# -- kept candidate sets (bandit_service/candidate_sets.py) ------------------------------------
+@pytest.fixture
+def kept_sets(monkeypatch: pytest.MonkeyPatch) -> KeptSetCache:
+    cache = KeptSetCache()
+    monkeypatch.setattr(fast_body, "KEPT_SETS", cache)
+    return cache
+
+
+def _body(candidates: Any, **fields: Any) -> bytes:
+    return orjson.dumps({"candidates": candidates, **fields})
+
+
+def test_repeated_candidates_are_decoded_once(kept_sets: KeptSetCache) -> None:
+    pool = [{"id": f"c{i}", "features": {"x": i, "t": "s"}} for i in range(5)]
+    first = decode_decision(_body(pool, context={"u": 1}))
+    second = decode_decision(_body(pool, context={"u": 2}, policy="other", slots=2))
+    assert first is not None and second is not None
+    assert isinstance(first.candidates, KeptCandidates)
+    assert second.candidates is first.candidates  # the same set, however the rest differs
+    assert (second.context, second.policy, second.slots) == ({"u": 2}, "other", 2)
+    assert (kept_sets.hits, kept_sets.misses, len(kept_sets)) == (1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "other, same_log",
+    [
+        ([{"id": "a", "features": {"x": 1.0}}], False),  # a float: another type, another log
+        ([{"id": "a", "features": {"x": True}}], False),
+        ([{"id": "a", "features": {"x": "1"}}], False),
+        ([{"id": "b", "features": {"x": 1}}], False),
+        ([{"id": "a", "features": {"x": 1, "y": 1}}], False),
+        ([{"id": "a", "features": {"x": 1}}] * 2, False),  # a duplicate (refused per request)
+        ([{"features": {"x": 1}, "id": "a"}], True),  # the same candidates in other bytes
+    ],
+)
+def test_candidates_that_differ_are_not_confused(
+    kept_sets: KeptSetCache, other: Any, same_log: bool
+) -> None:
+    one = decode_decision(_body([{"id": "a", "features": {"x": 1}}], context={"c": 1}))
+    two = decode_decision(_body(other, context={"c": 1}))
+    assert one is not None and two is not None
+    assert one.candidates is not None and two.candidates is not None
+    assert one.candidates is not two.candidates and len(kept_sets) == 2
+    assert _plain(two) == _plain(_authority(_body(other, context={"c": 1})))
+    same = one.candidates.logged.content_key == two.candidates.logged.content_key
+    assert same == same_log
+
+
+def test_whitespace_makes_another_entry_with_the_same_log(kept_sets: KeptSetCache) -> None:
+    compact = decode_decision(b'{"candidates":[{"id":"a","features":{"x":1}}]}')
+    spaced = decode_decision(b'{"candidates": [ {"id": "a", "features": {"x": 1}} ] }')
+    assert compact is not None and spaced is not None
+    assert compact.candidates is not spaced.candidates and len(kept_sets) == 2
+    assert compact.candidates is not None and spaced.candidates is not None
+    assert compact.candidates.logged.content_key == spaced.candidates.logged.content_key
+
+
+def test_candidates_outside_the_subset_are_never_kept(kept_sets: KeptSetCache) -> None:
+    for body in (
+        b'{"candidates": [{"id": "a", "features": {"ns": {"p": 1}}}]}',
+        b'{"candidates": [{"id": "a", "features": {"x": null}}]}',
+        b'{"candidates": [{"id": ""}]}',
+        b'{"candidates": {"id": "a"}}',
+        b'{"candidates": "a"}',
+    ):
+        assert decode_decision(body) is None and decode_decision(body) is None
+    assert len(kept_sets) == 0
+    # Refused elsewhere in the body: its (valid) candidates may be kept, nothing else.
+    assert decode_decision(b'{"candidates": [{"id": "a"}], "slots": 0}') is None
+    assert decode_decision(b'{"candidates": null}') == FastDecision()
+
+
+def test_the_kept_sets_stay_within_their_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = KeptSetCache(max_bytes=10**9, max_entries=3)
+    monkeypatch.setattr(fast_body, "KEPT_SETS", cache)
+    sets = []
+    for i in range(5):
+        decision = decode_decision(_body([{"id": f"c{i}"}]))
+        assert decision is not None
+        sets.append(decision.candidates)
+    assert len(cache) == 3
+    again = decode_decision(_body([{"id": "c0"}]))  # evicted: decoded anew, equal
+    assert again is not None and again.candidates == sets[0]
+    assert again.candidates is not sets[0]
+    kept = decode_decision(_body([{"id": "c4"}]))
+    assert kept is not None and kept.candidates is sets[4]
