@@ -96,6 +96,7 @@ class KeptCandidates(tuple[Candidate, ...]):
             scan = self._scan = CandidatesScan(tuple(self), self.logged.content_key[1])
         return scan
 
+    @property
     def action_lines(self) -> tuple[str, ...]:
         """Each candidate's VW action line (``vw_text.action_line``), rendered once. The
         same text the learner's own ``ActionLineCache`` would give, so the same scores."""

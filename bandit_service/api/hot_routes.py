@@ -266,7 +266,7 @@ def arm(app: FastAPI, routers: Iterable[APIRouter]) -> HotRoutes | None:
     status_handlers = getattr(inner, "_status_handlers", None)
     if not isinstance(handlers, dict) or not isinstance(status_handlers, dict):
         return _refuse("Starlette's exception middleware keeps its handlers elsewhere")
-    request_class = _BodyRequest if _body_request_fits() else Request
+    request_class: type[Request] = _BodyRequest if _body_request_fits() else Request
     targets = []
     for router in routers:
         for route in router.routes:
@@ -318,6 +318,7 @@ def _chosen(routes: Sequence[Any], scope: Scope) -> Any:
     return None
 
 
-def _refuse(reason: str) -> None:
+def _refuse(reason: str) -> HotRoutes | None:
+    """Log why nothing is pre-routed; the answer for ``arm`` (None)."""
     log.info("hot routes go through FastAPI's routing: %s", reason)
     return None

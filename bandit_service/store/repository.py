@@ -131,7 +131,7 @@ def insert_decisions(session: Session, rows: Sequence[dict[str, Any]]) -> None:
         out = {k: v for k, v in row.items() if k != "candidates"}
         out["candidate_set"] = key
         out.setdefault("context_line", None)  # rows built without a learner's rendering
-        out["slots"] = compact.compact_slots(row["slots"], [c["id"] for c in candidates])
+        out["slots"] = compact.compact_slots(row["slots"], compact.candidate_ids(candidates))
         stored.append(out)
     if all(out["context_line"] is None for out in stored):
         # Left out, as the ORM's insert did, so the statement also fits a store migrated

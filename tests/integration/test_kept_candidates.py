@@ -334,4 +334,4 @@ def test_decisions_never_change_a_kept_set(
     assert [{"id": c.id, "features": c.features} for c in kept] == original
     assert kept.logged == original
     assert kept.logged.content_key == compact.candidate_set(original)
-    assert kept.action_lines() == tuple(action_line(c["id"], c["features"]) for c in original)
+    assert kept.action_lines == tuple(action_line(c["id"], c["features"]) for c in original)

@@ -42,9 +42,9 @@ def test_kept_facts_equal_what_each_decision_computed() -> None:
     assert all(feature_count(c.features) == count_features(c.features) for c in CANDIDATES)
     assert KeptCandidates([]).max_features == 0
     cache = ActionLineCache()
-    assert kept.action_lines() == tuple(cache.line(c.id, c.features) for c in CANDIDATES)
-    assert kept.action_lines() is kept.action_lines()  # rendered once
-    assert kept.action_lines()[0] == action_line("a", CANDIDATES[0].features)
+    assert kept.action_lines == tuple(cache.line(c.id, c.features) for c in CANDIDATES)
+    assert kept.action_lines is kept.action_lines  # rendered once
+    assert kept.action_lines[0] == action_line("a", CANDIDATES[0].features)
 
 
 def test_compact_slots_with_kept_ids_is_the_same() -> None:
@@ -206,7 +206,7 @@ def test_the_memory_estimate_covers_a_kept_set(shape: str, monkeypatch: pytest.M
         key = bytes(bytearray(raw))  # the cache keeps its own copy of the raw bytes
         kept = kept_candidates(key)
         assert kept is not None
-        kept.action_lines()
+        assert kept.action_lines
         kept.identifier_scan().found()
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
@@ -217,6 +217,6 @@ def test_the_memory_estimate_covers_a_kept_set(shape: str, monkeypatch: pytest.M
 def test_a_kept_set_is_not_mutated_by_its_facts() -> None:
     candidates = copy.deepcopy(CANDIDATES)
     kept = KeptCandidates(candidates)
-    kept.action_lines()
+    assert kept.action_lines
     find_identifier(DecisionRequest("e", "p", kept, (), {"x": "ana@example.com"}, user_id="u"))
     assert list(kept) == CANDIDATES
