@@ -28,6 +28,7 @@ always runs on a connection checked out (and pinged) afresh.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -42,6 +43,7 @@ from sqlalchemy.orm import Session
 from bandit_service.errors import NotFound, Unavailable
 from bandit_service.ops import metrics
 from bandit_service.store import repository
+from bandit_service.store.write_turns import write_turns
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,8 @@ class BatchWriter:
         self._batches: queue.SimpleQueue[list[_Write] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._connection: Connection | None = None  # the writer thread's only
+        # SQLite: the serving processes' writers take turns (store/write_turns.py).
+        self._turns = write_turns(engine)
         self._closing = False
         self.batches_committed = 0
         self.rows_committed = 0
@@ -196,6 +200,8 @@ class BatchWriter:
                 self._answer(batch, outcomes)
         finally:
             self._release_connection()
+            if self._turns is not None:
+                self._turns.close()
 
     def _answer(self, batch: list[_Write], outcomes: list[Any]) -> None:
         assert self._loop is not None
@@ -256,9 +262,10 @@ class BatchWriter:
 
     def _commit_once(self, batch: list[_Write]) -> list[Any]:
         start = time.perf_counter()
+        turn = self._turns.turn() if self._turns is not None else contextlib.nullcontext()
         try:
             # (Positions commit in log order: insert_decisions takes the log-append lock.)
-            with Session(self._connect()) as session, session.begin():
+            with turn, Session(self._connect()) as session, session.begin():
                 outcomes = _apply(session, batch, self._late_margin)
         except BaseException:
             # The next attempt (a retry, or the next batch) checks a connection out afresh.
