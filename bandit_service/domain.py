@@ -6,7 +6,7 @@ from a script, a simulator or a test without a server.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
@@ -57,13 +57,16 @@ class Distribution(Sequence[list[Any]]):
 
     ``positions`` are the eligible candidates' indices in the request's candidate order
     (``ids`` is that order), ``probabilities`` their probabilities, aligned. The decision
-    log stores exactly this, positionally (``store/compact.py``), so the write path reads
-    it as is instead of pairing every probability with its id and mapping each id back to
-    its position: 2,500 tuples, lists and dict look-ups per 500 x 5 decision.
+    log stores exactly this, positionally (``store/compact.py``), so the write path takes
+    it as is instead of mapping each id back to its position, and the engine no longer
+    pairs every probability with its id in a tuple (per 500 x 5 decision, 2,500 tuples
+    and 2,500 dict look-ups).
 
-    Every other reader sees the classic form, ``[[id, p], ...]``, built when read: a
-    sequence of ``[id, p]`` lists, equal to the list it stands for. It is immutable, as
-    are the lists it is built from (the engine makes new ones per slot).
+    It reads as the classic form, ``[[id, p], ...]``: a sequence of ``[id, p]`` lists,
+    equal to the list it stands for. A decision row holds :meth:`classic`, a real list (so
+    a row stays plain JSON data for every reader), which keeps this positional form along
+    for the store. It is immutable, as are the lists it is built from (the engine makes
+    new ones per slot).
     """
 
     __slots__ = ("ids", "positions", "probabilities")
@@ -77,10 +80,13 @@ class Distribution(Sequence[list[Any]]):
         self.positions = positions
         self.probabilities = probabilities
 
-    def classic(self) -> list[list[Any]]:
-        """``[[id, p], ...]``, the form the log has always been read in."""
+    def classic(self) -> PmfList:
+        """``[[id, p], ...]``, the form the log has always been read in, as a new list that
+        remembers this distribution."""
         ids = self.ids
-        return [[ids[i], p] for i, p in zip(self.positions, self.probabilities, strict=True)]
+        return PmfList(
+            [[ids[i], p] for i, p in zip(self.positions, self.probabilities, strict=True)], self
+        )
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -110,6 +116,19 @@ class Distribution(Sequence[list[Any]]):
 
     def __repr__(self) -> str:
         return f"Distribution({self.classic()!r})"
+
+
+class PmfList(list[list[Any]]):
+    """A decision row's ``pmf``: the classic ``[[id, p], ...]`` list (equal to, encoded and
+    read as any list), with the :class:`Distribution` it was built from, so the store can
+    write the positional form without mapping ids back to positions (store/compact.py
+    checks the two still agree in length before trusting it)."""
+
+    __slots__ = ("distribution",)
+
+    def __init__(self, pairs: Iterable[list[Any]], distribution: Distribution) -> None:
+        super().__init__(pairs)
+        self.distribution = distribution
 
 
 @dataclass(frozen=True)

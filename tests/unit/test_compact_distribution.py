@@ -1,10 +1,13 @@
-"""The engine hands each slot's distribution over positionally (domain.Distribution), and
-the log stores it from those positions (store/compact.compact_row_slots). Every reader must
+"""The engine hands each slot's distribution over positionally (domain.Distribution), a
+decision row's ``pmf`` carries it along (domain.PmfList), and the log stores it from those
+positions (store/compact.compact_row_slots). Every reader must
 see exactly what the classic ``[[id, p], ...]`` form gave, and the stored bytes must be the
 ones the classic form's id-by-id compaction (store/compact.compact_slots) produces."""
 
 from __future__ import annotations
 
+import copy
+import json
 import random
 from typing import Any
 
@@ -13,7 +16,14 @@ import pytest
 
 from bandit_service.api.routes import decision_out
 from bandit_service.candidate_sets import KeptCandidates
-from bandit_service.domain import Candidate, DecisionRequest, Distribution, Slot, slot_list
+from bandit_service.domain import (
+    Candidate,
+    DecisionRequest,
+    Distribution,
+    PmfList,
+    Slot,
+    slot_list,
+)
 from bandit_service.engine import DecisionEngine
 from bandit_service.holdout import PopularityScores
 from bandit_service.learners.vw import VWLearner
@@ -29,18 +39,19 @@ def _logged(ids: list[str]) -> list[dict[str, Any]]:
 
 
 def _classic(slots: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The slots as decision_row wrote them before: ``pmf`` a list of ``[id, p]`` lists."""
-    return [
-        {k: (v.classic() if isinstance(v, Distribution) else v) for k, v in slot.items()}
-        for slot in slots
-    ]
+    """The slots as decision_row wrote them before: ``pmf`` a plain list of ``[id, p]``."""
+    return [{k: (list(v) if k == "pmf" else v) for k, v in slot.items()} for slot in slots]
 
 
 # -- Distribution reads as the list it stands for ------------------------------------------
 def test_distribution_reads_as_its_classic_list() -> None:
     d = Distribution(IDS, [0, 2, 3], [0.5, 0.25, 0.25])
     classic = [["a", 0.5], ["c", 0.25], ["d", 0.25]]
-    assert d.classic() == classic
+    listed = d.classic()
+    assert listed == classic and isinstance(listed, list) and listed.distribution is d
+    assert json.dumps(listed) == json.dumps(classic)
+    assert orjson.dumps(listed) == orjson.dumps(classic)
+    assert copy.deepcopy(listed) == classic
     assert list(d) == classic and len(d) == 3 and bool(d)
     assert d == classic and classic == d
     assert not d.__ne__(classic)
@@ -94,9 +105,10 @@ def test_positional_compaction_is_byte_identical_to_id_by_id(kept: bool) -> None
         for k in range(rng.randint(1, 5)):
             drawn = _random_slot(rng, n)
             dist = Distribution(ids, drawn["positions"], drawn["probabilities"])
+            pmf: Any = dist.classic() if k % 2 == 0 else dist  # a row's PmfList, or bare
             slots.append(
                 {"slot": k, "slot_id": str(k), "slot_features": {}, "id": dist[0][0],
-                 "probability": drawn["probabilities"][0], "explored": False, "pmf": dist,
+                 "probability": drawn["probabilities"][0], "explored": False, "pmf": pmf,
                  "model_id": None}
             )  # fmt: skip
         positional = compact.compact_row_slots(slots, candidates)
@@ -123,6 +135,16 @@ def test_a_distribution_over_other_candidates_is_compacted_by_id() -> None:
     # An empty distribution (never the engine's) is kept as written, too.
     empty = {"slot": 0, "id": "c", "pmf": Distribution(IDS, [], [])}
     assert compact.compact_row_slots([empty], _logged(IDS)) == [{**empty, "pmf": []}]
+
+
+def test_a_changed_pmf_list_is_compacted_by_what_it_holds() -> None:
+    """A row's pmf list changed in length after decision_row (no reader does so) no longer
+    describes its distribution: the list, as it now is, is what gets stored."""
+    listed = Distribution(IDS, [0, 1, 2], [0.5, 0.25, 0.25]).classic()
+    listed.pop()
+    got = compact.compact_row_slots([{"slot": 0, "id": "a", "pmf": listed}], _logged(IDS))
+    assert got[0]["eligible"] == [0, 2]
+    assert compact.unpack_probabilities(got[0]["p"]) == [0.5, 0.25]
 
 
 def test_classic_rows_still_compact_as_before() -> None:
@@ -207,6 +229,8 @@ def test_engine_slots_store_and_read_as_the_classic_form() -> None:
                 (ids[i], p) for i, p in zip(positions, dist.probabilities, strict=True)
             )
         row = decision_row(decision, request, None, 1000.0)
+        assert all(type(s["pmf"]) is PmfList for s in row["slots"])
+        json.dumps(row)  # plain JSON data, as before
         classic_slots = _classic(row["slots"])
         assert row["slots"] == classic_slots
         for slot, choice in zip(classic_slots, decision.slots, strict=True):
