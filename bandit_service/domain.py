@@ -6,9 +6,9 @@ from a script, a simulator or a test without a server.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 FeatureScalar = str | bool | int | float
 FeatureValue = FeatureScalar | Sequence[str]
@@ -52,14 +52,93 @@ class DecisionRequest:
     personalize: bool = True  # false: the popularity ranking, arm "opted_out" (issue 10)
 
 
+class Distribution(Sequence[list[Any]]):
+    """A slot's distribution as the engine drew it: positions and probabilities.
+
+    ``positions`` are the eligible candidates' indices in the request's candidate order
+    (``ids`` is that order), ``probabilities`` their probabilities, aligned. The decision
+    log stores exactly this, positionally (``store/compact.py``), so the write path takes
+    it as is instead of mapping each id back to its position, and the engine no longer
+    pairs every probability with its id in a tuple (per 500 x 5 decision, 2,500 tuples
+    and 2,500 dict look-ups).
+
+    It reads as the classic form, ``[[id, p], ...]``: a sequence of ``[id, p]`` lists,
+    equal to the list it stands for. A decision row holds :meth:`classic`, a real list (so
+    a row stays plain JSON data for every reader), which keeps this positional form along
+    for the store. It is immutable, as are the lists it is built from (the engine makes
+    new ones per slot).
+    """
+
+    __slots__ = ("ids", "positions", "probabilities")
+
+    def __init__(
+        self, ids: Sequence[str], positions: Sequence[int], probabilities: Sequence[float]
+    ) -> None:
+        if len(positions) != len(probabilities):
+            raise ValueError(f"{len(positions)} positions but {len(probabilities)} probabilities")
+        self.ids = ids
+        self.positions = positions
+        self.probabilities = probabilities
+
+    def classic(self) -> PmfList:
+        """``[[id, p], ...]``, the form the log has always been read in, as a new list that
+        remembers this distribution."""
+        ids = self.ids
+        return PmfList(
+            [[ids[i], p] for i, p in zip(self.positions, self.probabilities, strict=True)], self
+        )
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        ids = self.ids
+        return ([ids[i], p] for i, p in zip(self.positions, self.probabilities, strict=True))
+
+    @overload
+    def __getitem__(self, index: int) -> list[Any]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[list[Any]]: ...
+    def __getitem__(self, index: int | slice) -> list[Any] | list[list[Any]]:
+        if isinstance(index, slice):
+            return self.classic()[index]
+        return [self.ids[self.positions[index]], self.probabilities[index]]
+
+    def __eq__(self, other: object) -> bool:
+        # As the list it stands for: equal to an equal list (not to a tuple, as a list).
+        if isinstance(other, Distribution):
+            return self.classic() == other.classic()
+        if isinstance(other, list):
+            return self.classic() == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # a list is not hashable either
+
+    def __repr__(self) -> str:
+        return f"Distribution({self.classic()!r})"
+
+
+class PmfList(list[list[Any]]):
+    """A decision row's ``pmf``: the classic ``[[id, p], ...]`` list (equal to, encoded and
+    read as any list), with the :class:`Distribution` it was built from, so the store can
+    write the positional form without mapping ids back to positions (store/compact.py
+    checks the two still agree in length before trusting it)."""
+
+    __slots__ = ("distribution",)
+
+    def __init__(self, pairs: Iterable[list[Any]], distribution: Distribution) -> None:
+        super().__init__(pairs)
+        self.distribution = distribution
+
+
 @dataclass(frozen=True)
 class SlotChoice:
     """One filled slot: what was shown, with the exact probability it was drawn with.
 
-    ``pmf`` is the distribution the draw used, over the candidates still eligible for this
-    slot (request order); ``probability`` is ``pmf``'s entry for ``id``. ``explored`` is true
-    when the slot drew from an exploration distribution (a reserved exploration slot), or
-    when the drawn candidate is not among the policy's greedy choices (those tied for the
+    ``distribution`` is the distribution the draw used, over the candidates still eligible
+    for this slot (request order); ``probability`` is its entry for ``id``. ``explored`` is
+    true when the slot drew from an exploration distribution (a reserved exploration slot),
+    or when the drawn candidate is not among the policy's greedy choices (those tied for the
     highest probability). Pinned, holdout and baseline slots are never explored.
     """
 
@@ -68,8 +147,13 @@ class SlotChoice:
     id: str
     probability: float
     explored: bool
-    pmf: tuple[tuple[str, float], ...]
+    distribution: Distribution
     model_id: str | None = None  # apprentice mode: what the model would have shown
+
+    @property
+    def pmf(self) -> tuple[tuple[str, float], ...]:
+        """The distribution as ``((id, p), ...)``, built on demand (tests, scripts)."""
+        return tuple((cid, p) for cid, p in self.distribution)
 
 
 @dataclass(frozen=True)

@@ -739,7 +739,12 @@ def _same_policy(row: dict[str, Any], request: DecisionRequest) -> dict[str, Any
 def decision_row(
     decision: Decision, request: DecisionRequest, user_key: str | None, created_at: float
 ) -> dict[str, Any]:
-    """The stored form of a decision: enough to replay and evaluate it later."""
+    """The stored form of a decision: enough to replay and evaluate it later.
+
+    Each slot's ``pmf`` is the classic ``[[id, p], ...]`` list every reader knows (the
+    answer, the Personalizer facade, events, callers that encode the row), a
+    :class:`~bandit_service.domain.PmfList` that also carries the engine's positional
+    distribution, which ``repository.insert_decisions`` stores without mapping ids."""
     slot_features = {s.id: s.features for s in request.slots}
     # Opted out (issue 10): no context features, nor the caller's exclusions (often a
     # user's history), are logged; the decision is never learned from.
@@ -776,6 +781,6 @@ def _slot_json(choice: SlotChoice, features: Any) -> dict[str, Any]:
         "id": choice.id,
         "probability": choice.probability,
         "explored": choice.explored,
-        "pmf": [[cid, p] for cid, p in choice.pmf],
+        "pmf": choice.distribution.classic(),
         "model_id": choice.model_id,
     }

@@ -17,7 +17,14 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from bandit_service.domain import Candidate, Decision, DecisionRequest, Slot, SlotChoice
+from bandit_service.domain import (
+    Candidate,
+    Decision,
+    DecisionRequest,
+    Distribution,
+    Slot,
+    SlotChoice,
+)
 from bandit_service.engine import sampling
 from bandit_service.errors import InvalidRequest, UnknownPolicy
 from bandit_service.holdout import PopularityScores, in_holdout, ranking
@@ -93,40 +100,41 @@ class DecisionEngine:
             if not holdout and not policy.serves_baseline
             else None
         )
+        # Each slot's distribution goes out as the engine holds it, positions in the
+        # request's candidate order and probabilities (domain.Distribution), which is what
+        # the log stores: no (id, p) pairs are built per decision (store/compact.py).
         all_ids = [c.id for c in candidates]
         choices: list[SlotChoice] = []
         for k, slot in enumerate(request.slots):
             if k in page.pins:
                 index = page.pins[k]
-                choices.append(
-                    SlotChoice(
-                        k, slot.id, candidates[index].id, 1.0, False, ((candidates[index].id, 1.0),)
-                    )
-                )
+                pinned = Distribution(all_ids, [index], [1.0])
+                choices.append(SlotChoice(k, slot.id, all_ids[index], 1.0, False, pinned))
                 continue
             allowed = page.allowed(k)
-            ids = [all_ids[i] for i in allowed]
             model_id = None
             if holdout:
+                ids = [all_ids[i] for i in allowed]
                 chosen = ranking(ids, popularity)[0]
                 pmf = [1.0 if i == chosen else 0.0 for i in range(len(ids))]
                 explored = False
             elif policy.serves_baseline:
+                ids = [all_ids[i] for i in allowed]
                 chosen, pmf, model_id = self._baseline(policy, scorer, k, slot, ids, allowed)
                 explored = False
             else:
                 assert scorer is not None and uniform is not None
                 chosen, pmf, explored = self._draw(
-                    policy, scorer, k, slot, allowed, ids, weights, popularity, uniform
+                    policy, scorer, k, slot, allowed, all_ids, weights, popularity, uniform
                 )
             choices.append(
                 SlotChoice(
                     slot=k,
                     slot_id=slot.id,
-                    id=ids[chosen],
+                    id=all_ids[allowed[chosen]],
                     probability=pmf[chosen],
                     explored=explored,
-                    pmf=tuple(zip(ids, pmf, strict=True)),
+                    distribution=Distribution(all_ids, allowed, pmf),
                     model_id=model_id,
                 )
             )
@@ -150,7 +158,7 @@ class DecisionEngine:
         k: int,
         slot: Slot,
         allowed: list[int],
-        ids: list[str],
+        all_ids: list[str],
         weights: list[float] | None,
         popularity: PopularityScores,
         uniform: Callable[[], float],
@@ -160,17 +168,20 @@ class DecisionEngine:
         ``explored`` is true when the slot drew from the exploration distribution (an
         exploration position, or the ``exploration_share`` coin came up), and otherwise when
         the drawn candidate is not among the policy's greedy choices for the slot (those
-        tied for its highest probability).
+        tied for its highest probability). ``all_ids`` are the request's candidate ids: the
+        allowed ones' are only listed for an exploration distribution.
         """
         rules = policy.rules
         p = sampling.normalise(scorer.pmf(k, slot.features, allowed))
         if weights is not None:
             p = sampling.normalise([pi * weights[i] for pi, i in zip(p, allowed, strict=True)])
         if k in rules.exploration_positions:
+            ids = [all_ids[i] for i in allowed]
             q = _exploration_distribution(rules.exploration_distribution, ids, popularity)
             return sampling.draw(q, uniform()), q, True
         share = rules.exploration_share
         if share > 0:
+            ids = [all_ids[i] for i in allowed]
             q = _exploration_distribution(rules.exploration_distribution, ids, popularity)
             mixture = [share * qi + (1 - share) * pi for qi, pi in zip(q, p, strict=True)]
             explore = uniform() < share

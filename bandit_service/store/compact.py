@@ -20,17 +20,28 @@ Readers outside the trainer get the classic shape back (:func:`expand_slots`): t
 meaning is unchanged, only its storage. A slot whose distribution names an id missing from
 the candidate set (not produced by the engine) keeps the classic ``pmf`` form, and every
 reader accepts both forms.
+
+The engine's slots arrive with their positions (``pmf`` a :class:`~bandit_service.domain.
+PmfList`, the classic list carrying the engine's :class:`~bandit_service.domain.Distribution`:
+positions in the request's candidate order and probabilities), and
+:func:`compact_row_slots` stores those as they are; any other ``pmf`` (``[[id, p], …]``
+written by tests, scripts, older callers) is mapped id by id (:func:`compact_slots`). Both
+give the same bytes for the same distribution: candidate ids are unique in a request, so an
+id's position is the position the engine drew it at.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
+
+from bandit_service.domain import Distribution, PmfList
 
 KEY_LENGTH = 32  # hex characters of a BLAKE2b-128 digest
 
@@ -88,8 +99,11 @@ def indices(eligible: Sequence[int]) -> list[int]:
 
 
 def pack_probabilities(values: Sequence[float]) -> str:
-    """Doubles as base64 text (exact: the same floats come back)."""
-    return base64.b64encode(struct.pack(f"<{len(values)}d", *values)).decode("ascii")
+    """Doubles as base64 text (exact: the same floats come back). (``b2a_base64`` without
+    its newline is what ``base64.b64encode`` calls, minus a Python-level wrapper.)"""
+    return binascii.b2a_base64(struct.pack(f"<{len(values)}d", *values), newline=False).decode(
+        "ascii"
+    )
 
 
 def unpack_probabilities(text: str) -> list[float]:
@@ -100,31 +114,99 @@ def unpack_probabilities(text: str) -> list[float]:
 def compact_slots(slots: Sequence[dict[str, Any]], ids: Sequence[str]) -> list[dict[str, Any]]:
     """Slots with ``pmf`` replaced by ``eligible`` runs and probabilities ``p``.
 
-    On the decision write path (up to 500 candidates x 5 slots), so the usual case, one
-    contiguous run, is recognised by a C-speed list comparison instead of a Python loop.
-    ``ids`` given as :class:`CandidateIds` (:func:`candidate_ids` of a kept set) bring
-    their positions along.
+    For slots whose ``pmf`` is classic (``[[id, p], …]``): each id is mapped to its position
+    in ``ids`` (given as :class:`CandidateIds`, a kept set's ids bring their positions
+    along). The engine's slots take :func:`compact_row_slots`, which maps nothing.
     """
     position: dict[str, int] | None = getattr(ids, "position", None)
     if position is None:
         position = {cid: i for i, cid in enumerate(ids)}
     out = []
     for slot in slots:
-        pmf: list[Any] = slot.get("pmf") or []
+        pmf: Sequence[Any] = slot.get("pmf") or []
         try:
             found = [position[cid] for cid, _p in pmf]
         except KeyError:  # an id outside the candidate set: keep the slot as written
             found = []
         if not found:
-            out.append(slot)
+            out.append(_classic_slot(slot))
             continue
-        first = found[0]
-        contiguous = found == list(range(first, first + len(found)))
-        compact = {k: v for k, v in slot.items() if k != "pmf"}
-        compact["eligible"] = [first, first + len(found)] if contiguous else runs(found)
-        compact["p"] = pack_probabilities([p for _cid, p in pmf])
-        out.append(compact)
+        out.append(_compact_slot(slot, found, [p for _cid, p in pmf]))
     return out
+
+
+def compact_row_slots(
+    slots: Sequence[dict[str, Any]], candidates: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The stored slots of a decision row whose candidates are ``candidates`` (its logged
+    ``[{"id", "features"}, …]``).
+
+    A slot whose ``pmf`` carries the engine's :class:`~bandit_service.domain.Distribution`
+    over these candidates (a :class:`~bandit_service.domain.PmfList` from
+    ``service.decision_row``, or a bare Distribution) is stored from its positions and
+    probabilities directly: on the decision write path (up to 500 candidates x 5 slots)
+    that saves a dict look-up and two list entries per probability, and the candidate ids
+    are not even listed. Any other slot goes through :func:`compact_slots`. The result is
+    the same either way (tests/unit/test_compact_distribution.py).
+    """
+    out: list[dict[str, Any]] = []
+    ids: Sequence[str] | None = None
+    for slot in slots:
+        dist = _distribution(slot.get("pmf"))
+        if dist is not None and _fits(dist, candidates):
+            out.append(_compact_slot(slot, dist.positions, dist.probabilities))
+            continue
+        if ids is None:
+            ids = candidate_ids(candidates)
+        out.extend(compact_slots([slot], ids))
+    return out
+
+
+def _distribution(pmf: Any) -> Distribution | None:
+    """The positional distribution a slot's ``pmf`` carries, if it still describes it (a
+    PmfList changed in length since it was built does not)."""
+    if type(pmf) is PmfList:
+        dist = pmf.distribution
+        return dist if len(dist) == len(pmf) else None
+    if type(pmf) is Distribution:
+        return pmf
+    return None
+
+
+def _fits(pmf: Distribution, candidates: Sequence[dict[str, Any]]) -> bool:
+    """Whether ``pmf``'s positions index ``candidates`` (a cheap check, O(1): the same
+    number of candidates, and the same id at its first position). ``decision_row`` builds
+    both from one request, so this holds; a row put together otherwise, where it does not,
+    is compacted by id instead."""
+    positions = pmf.positions
+    if not positions or len(pmf.ids) != len(candidates):
+        return False
+    first = positions[0]
+    return bool(candidates[first]["id"] == pmf.ids[first])
+
+
+def _compact_slot(
+    slot: dict[str, Any], positions: Sequence[int], probabilities: Sequence[float]
+) -> dict[str, Any]:
+    """``slot`` with ``pmf`` replaced by ``eligible`` (runs of ``positions``) and ``p``.
+
+    The usual case, one contiguous run, is recognised by a C-speed list comparison
+    instead of a Python loop."""
+    first = positions[0]
+    n = len(positions)
+    contiguous = positions[-1] == first + n - 1 and list(positions) == list(range(first, first + n))
+    compact = {k: v for k, v in slot.items() if k != "pmf"}
+    compact["eligible"] = [first, first + n] if contiguous else runs(positions)
+    compact["p"] = pack_probabilities(probabilities)
+    return compact
+
+
+def _classic_slot(slot: dict[str, Any]) -> dict[str, Any]:
+    """A slot stored as written (classic ``pmf``): a Distribution becomes a plain list."""
+    pmf = slot.get("pmf")
+    if isinstance(pmf, Distribution):
+        return {**slot, "pmf": list(pmf.classic())}
+    return slot
 
 
 def expand_slots(slots: Sequence[dict[str, Any]], ids: Sequence[str]) -> list[dict[str, Any]]:

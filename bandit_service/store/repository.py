@@ -116,7 +116,8 @@ def decision_for_reward(session: Session, event_id: str) -> dict[str, Any] | Non
 
 def insert_decisions(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     """Append decisions given in their written shape (``candidates`` a list, slots with
-    ``pmf``), storing each distinct candidate set once and distributions compactly.
+    ``pmf``), storing each distinct candidate set once and distributions compactly (the
+    engine's ``pmf``, a ``domain.Distribution``, already positional: store/compact.py).
 
     On PostgreSQL this takes the log-append lock first (:func:`serialize_log_appends`), so
     every appender's positions commit in order, not only the writer's."""
@@ -131,7 +132,7 @@ def insert_decisions(session: Session, rows: Sequence[dict[str, Any]]) -> None:
         out = {k: v for k, v in row.items() if k != "candidates"}
         out["candidate_set"] = key
         out.setdefault("context_line", None)  # rows built without a learner's rendering
-        out["slots"] = compact.compact_slots(row["slots"], compact.candidate_ids(candidates))
+        out["slots"] = compact.compact_row_slots(row["slots"], candidates)
         stored.append(out)
     if all(out["context_line"] is None for out in stored):
         # Left out, as the ORM's insert did, so the statement also fits a store migrated
