@@ -101,16 +101,22 @@ class DecisionService:
     async def start(self) -> None:
         self._policy_files = await asyncio.to_thread(self._scan_policy_files)
         self.writer.start()
-        ok, reason = await asyncio.to_thread(check_ready, self.db)
-        if ok:
-            await asyncio.to_thread(self._load_user_secret)
-            await asyncio.to_thread(self._ensure_partitions, list(self.policies.values()))
-            await asyncio.to_thread(self.opt_outs.refresh)
-            await asyncio.to_thread(self.catalog.refresh)
-            await asyncio.to_thread(self.models.refresh)
-            self._models_ready = True
-        else:
-            log.warning("store not ready at start: %s", reason)
+        try:
+            ok, reason = await asyncio.to_thread(check_ready, self.db)
+            if ok:
+                await asyncio.to_thread(self._load_user_secret)
+                await asyncio.to_thread(self._ensure_partitions, list(self.policies.values()))
+                await asyncio.to_thread(self.opt_outs.refresh)
+                await asyncio.to_thread(self.catalog.refresh)
+                await asyncio.to_thread(self.models.refresh)
+                self._models_ready = True
+            else:
+                log.warning("store not ready at start: %s", reason)
+        except BaseException:
+            # A failed start is never closed by the app's lifespan: stop the writer's
+            # thread here (nothing was written yet), so it does not outlive the app.
+            await self.writer.close()
+            raise
         loop = asyncio.get_running_loop()
         self._reload_task = loop.create_task(self._reload_loop())
         self._popularity_task = loop.create_task(self._popularity_loop())
