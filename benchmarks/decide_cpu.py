@@ -40,7 +40,11 @@ def _bodies(workload: str, variants: int) -> list[bytes]:
     return [line.split("\t", 1)[1].encode() for line in decision_lines(workload, variants)]
 
 
-async def _drive(app: Any, bodies: list[bytes], requests: int, concurrency: int) -> list[int]:
+async def _drive(
+    app: Any, bodies: list[bytes], requests: int, concurrency: int, path: str = "/v1/decisions"
+) -> list[int]:
+    """POST ``requests`` of ``bodies`` (in turn) to ``path`` with ``concurrency`` in flight,
+    calling the ASGI app directly; returns the response statuses."""
     statuses: list[int] = []
     counter = iter(range(requests))
 
@@ -51,8 +55,8 @@ async def _drive(app: Any, bodies: list[bytes], requests: int, concurrency: int)
             "http_version": "1.1",
             "method": "POST",
             "scheme": "http",
-            "path": "/v1/decisions",
-            "raw_path": b"/v1/decisions",
+            "path": path,
+            "raw_path": path.encode(),
             "query_string": b"",
             "root_path": "",
             "headers": [

@@ -34,59 +34,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from decide_cpu import _drive as drive  # the same in-process ASGI driver
+
 _OK = b'{"ok":true}'
 _BODY = b'{"policy":"default","candidates":[{"id":"a","features":{"x":1}}]}'
 _REWARD = b'{"value":1.0}'
 
 
 async def _drive(app: Any, requests: int, concurrency: int, reward: bool) -> list[int]:
-    statuses: list[int] = []
-    counter = iter(range(requests))
     path = "/v1/decisions/0123456789abcdef0123456789abcdef/rewards" if reward else "/v1/decisions"
-    body = _REWARD if reward else _BODY
-
-    async def one_request() -> None:
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": [
-                (b"host", b"127.0.0.1"),
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-            "client": ("127.0.0.1", 50000),
-            "server": ("127.0.0.1", 8080),
-            "state": {},
-        }
-        sent = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await asyncio.sleep(3600)
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                statuses.append(message["status"])
-
-        await app(scope, receive, send)
-
-    async def worker() -> None:
-        for _ in counter:
-            await one_request()
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return statuses
+    return await drive(app, [_REWARD if reward else _BODY], requests, concurrency, path)
 
 
 def _service_app(folder: Path) -> Any:
