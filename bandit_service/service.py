@@ -747,10 +747,12 @@ def decision_row(
 ) -> dict[str, Any]:
     """The stored form of a decision: enough to replay and evaluate it later.
 
-    Each slot's ``pmf`` is the classic ``[[id, p], ...]`` list every reader knows (the
-    answer, the Personalizer facade, events, callers that encode the row), a
-    :class:`~bandit_service.domain.PmfList` that also carries the engine's positional
-    distribution, which ``repository.insert_decisions`` stores without mapping ids."""
+    Each slot's ``pmf`` is the engine's :class:`~bandit_service.domain.Distribution`: it
+    reads as the classic ``[[id, p], ...]`` list every reader knows (the answer, the
+    Personalizer facade, events iterate or index it, and it compares equal to that list),
+    and ``repository.insert_decisions`` stores its positions without mapping ids. It is
+    not a ``list``: to encode a fresh row as JSON, take ``pmf.classic()``. (Rows read back
+    from the store hold plain lists.)"""
     slot_features = {s.id: s.features for s in request.slots}
     # Opted out (issue 10): no context features, nor the caller's exclusions (often a
     # user's history), are logged; the decision is never learned from.
@@ -787,6 +789,6 @@ def _slot_json(choice: SlotChoice, features: Any) -> dict[str, Any]:
         "id": choice.id,
         "probability": choice.probability,
         "explored": choice.explored,
-        "pmf": choice.distribution.classic(),
+        "pmf": choice.distribution,
         "model_id": choice.model_id,
     }

@@ -21,9 +21,9 @@ meaning is unchanged, only its storage. A slot whose distribution names an id mi
 the candidate set (not produced by the engine) keeps the classic ``pmf`` form, and every
 reader accepts both forms.
 
-The engine's slots arrive with their positions (``pmf`` a :class:`~bandit_service.domain.
-PmfList`, the classic list carrying the engine's :class:`~bandit_service.domain.Distribution`:
-positions in the request's candidate order and probabilities), and
+The engine's slots arrive with their positions (``pmf`` the engine's
+:class:`~bandit_service.domain.Distribution`: positions in the request's candidate order
+and probabilities), and
 :func:`compact_row_slots` stores those as they are; any other ``pmf`` (``[[id, p], …]``
 written by tests, scripts, older callers) is mapped id by id (:func:`compact_slots`). Both
 give the same bytes for the same distribution: candidate ids are unique in a request, so an
@@ -41,7 +41,7 @@ from typing import Any
 
 import orjson
 
-from bandit_service.domain import Distribution, PmfList
+from bandit_service.domain import Distribution
 
 KEY_LENGTH = 32  # hex characters of a BLAKE2b-128 digest
 
@@ -141,9 +141,8 @@ def compact_row_slots(
     """The stored slots of a decision row whose candidates are ``candidates`` (its logged
     ``[{"id", "features"}, …]``).
 
-    A slot whose ``pmf`` carries the engine's :class:`~bandit_service.domain.Distribution`
-    over these candidates (a :class:`~bandit_service.domain.PmfList` from
-    ``service.decision_row``, or a bare Distribution) is stored from its positions and
+    A slot whose ``pmf`` is the engine's :class:`~bandit_service.domain.Distribution`
+    over these candidates (as ``service.decision_row`` puts it) is stored from its positions and
     probabilities directly: on the decision write path (up to 500 candidates x 5 slots)
     that saves a dict look-up and two list entries per probability, and the candidate ids
     are not even listed. Any other slot goes through :func:`compact_slots`. The result is
@@ -152,25 +151,14 @@ def compact_row_slots(
     out: list[dict[str, Any]] = []
     ids: Sequence[str] | None = None
     for slot in slots:
-        dist = _distribution(slot.get("pmf"))
-        if dist is not None and _fits(dist, candidates):
+        dist = slot.get("pmf")
+        if type(dist) is Distribution and _fits(dist, candidates):
             out.append(_compact_slot(slot, dist.positions, dist.probabilities))
             continue
         if ids is None:
             ids = candidate_ids(candidates)
         out.extend(compact_slots([slot], ids))
     return out
-
-
-def _distribution(pmf: Any) -> Distribution | None:
-    """The positional distribution a slot's ``pmf`` carries, if it still describes it (a
-    PmfList changed in length since it was built does not)."""
-    if type(pmf) is PmfList:
-        dist = pmf.distribution
-        return dist if len(dist) == len(pmf) else None
-    if type(pmf) is Distribution:
-        return pmf
-    return None
 
 
 def _fits(pmf: Distribution, candidates: Sequence[dict[str, Any]]) -> bool:

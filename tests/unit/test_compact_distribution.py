@@ -1,5 +1,5 @@
 """The engine hands each slot's distribution over positionally (domain.Distribution), a
-decision row's ``pmf`` carries it along (domain.PmfList), and the log stores it from those
+decision row's ``pmf`` is that Distribution, and the log stores it from those
 positions (store/compact.compact_row_slots). Every reader must
 see exactly what the classic ``[[id, p], ...]`` form gave, and the stored bytes must be the
 ones the classic form's id-by-id compaction (store/compact.compact_slots) produces."""
@@ -20,7 +20,6 @@ from bandit_service.domain import (
     Candidate,
     DecisionRequest,
     Distribution,
-    PmfList,
     Slot,
     slot_list,
 )
@@ -48,7 +47,7 @@ def test_distribution_reads_as_its_classic_list() -> None:
     d = Distribution(IDS, [0, 2, 3], [0.5, 0.25, 0.25])
     classic = [["a", 0.5], ["c", 0.25], ["d", 0.25]]
     listed = d.classic()
-    assert listed == classic and isinstance(listed, list) and listed.distribution is d
+    assert listed == classic and type(listed) is list
     assert json.dumps(listed) == json.dumps(classic)
     assert orjson.dumps(listed) == orjson.dumps(classic)
     assert copy.deepcopy(listed) == classic
@@ -105,7 +104,7 @@ def test_positional_compaction_is_byte_identical_to_id_by_id(kept: bool) -> None
         for k in range(rng.randint(1, 5)):
             drawn = _random_slot(rng, n)
             dist = Distribution(ids, drawn["positions"], drawn["probabilities"])
-            pmf: Any = dist.classic() if k % 2 == 0 else dist  # a row's PmfList, or bare
+            pmf: Any = dist.classic() if k % 2 == 0 else dist  # a classic list, or the engine's
             slots.append(
                 {"slot": k, "slot_id": str(k), "slot_features": {}, "id": dist[0][0],
                  "probability": drawn["probabilities"][0], "explored": False, "pmf": pmf,
@@ -135,16 +134,6 @@ def test_a_distribution_over_other_candidates_is_compacted_by_id() -> None:
     # An empty distribution (never the engine's) is kept as written, too.
     empty = {"slot": 0, "id": "c", "pmf": Distribution(IDS, [], [])}
     assert compact.compact_row_slots([empty], _logged(IDS)) == [{**empty, "pmf": []}]
-
-
-def test_a_changed_pmf_list_is_compacted_by_what_it_holds() -> None:
-    """A row's pmf list changed in length after decision_row (no reader does so) no longer
-    describes its distribution: the list, as it now is, is what gets stored."""
-    listed = Distribution(IDS, [0, 1, 2], [0.5, 0.25, 0.25]).classic()
-    listed.pop()
-    got = compact.compact_row_slots([{"slot": 0, "id": "a", "pmf": listed}], _logged(IDS))
-    assert got[0]["eligible"] == [0, 2]
-    assert compact.unpack_probabilities(got[0]["p"]) == [0.5, 0.25]
 
 
 def test_classic_rows_still_compact_as_before() -> None:
@@ -229,8 +218,9 @@ def test_engine_slots_store_and_read_as_the_classic_form() -> None:
                 (ids[i], p) for i, p in zip(positions, dist.probabilities, strict=True)
             )
         row = decision_row(decision, request, None, 1000.0)
-        assert all(type(s["pmf"]) is PmfList for s in row["slots"])
-        json.dumps(row)  # plain JSON data, as before
+        assert all(type(s["pmf"]) is Distribution for s in row["slots"])
+        plain = {**row, "slots": [{**s, "pmf": s["pmf"].classic()} for s in row["slots"]]}
+        assert json.loads(json.dumps(plain)) == row  # plain JSON data once pmf is listed
         classic_slots = _classic(row["slots"])
         assert row["slots"] == classic_slots
         for slot, choice in zip(classic_slots, decision.slots, strict=True):
