@@ -751,8 +751,8 @@ def decision_row(
     reads as the classic ``[[id, p], ...]`` list every reader knows (the answer, the
     Personalizer facade, events iterate or index it, and it compares equal to that list),
     and ``repository.insert_decisions`` stores its positions without mapping ids. It is
-    not a ``list``: to encode a fresh row as JSON, take ``pmf.classic()``. (Rows read back
-    from the store hold plain lists.)"""
+    not a ``list``: to encode a fresh row as JSON, take ``pmf.classic()`` (or pass
+    ``default=list`` to ``json.dumps``). Rows read back from the store hold plain lists."""
     slot_features = {s.id: s.features for s in request.slots}
     # Opted out (issue 10): no context features, nor the caller's exclusions (often a
     # user's history), are logged; the decision is never learned from.

@@ -293,7 +293,8 @@ def test_concurrent_decides_with_one_event_id_from_several_processes(settings: S
         w.join()
     assert len(answers) == processes
     for i in range(rounds):
-        seen = {(json.dumps(a[i]["slots"], sort_keys=True), a[i]["created_at"])
+        # default=list: a fresh row's pmf is the engine's Distribution (service.decision_row)
+        seen = {(json.dumps(a[i]["slots"], sort_keys=True, default=list), a[i]["created_at"])
                 for a in answers.values()}  # fmt: skip
         assert len(seen) == 1
     db = make_engine(settings.database_url)
