@@ -121,7 +121,8 @@ class VWLearner:
         batch.extend(actions)
         try:
             _pylibvw.vw.predict_multi(self._ws, batch)
-            return list(batch[0].get_action_scores())
+            scores = batch[0].get_action_scores()  # a new list already (pybind11)
+            return scores if type(scores) is list else list(scores)
         except BaseException:
             if self.action_examples is not None:
                 self.action_examples.clear()  # see _learn_reusing
