@@ -88,12 +88,10 @@ class DecisionEngine:
             else PopularityScores(prior=0.0)
         )
         scorer = None if holdout or opted_out else learner.scorer(request.context, candidates)
-        now = self._clock()
-        weights = (
-            [policy.rules.weight(c.features, now) for c in candidates]
-            if policy.rules.reweights and not holdout
-            else None
-        )
+        weights = None
+        if policy.rules.reweights and not holdout:  # the clock serves reweighting only
+            now = self._clock()
+            weights = [policy.rules.weight(c.features, now) for c in candidates]
         # Only online draws use the generator (seeded by the event id): holdout and
         # baseline slots are deterministic.
         uniform = (
@@ -186,9 +184,9 @@ class DecisionEngine:
             mixture = [share * qi + (1 - share) * pi for qi, pi in zip(q, p, strict=True)]
             explore = uniform() < share
             chosen = sampling.draw_normalised(q if explore else p, uniform())
-            return chosen, mixture, explore or not sampling.is_greedy(p, chosen)
+            return chosen, mixture, explore or not sampling.is_greedy_normalised(p, chosen)
         chosen = sampling.draw_normalised(p, uniform())
-        return chosen, p, not sampling.is_greedy(p, chosen)
+        return chosen, p, not sampling.is_greedy_normalised(p, chosen)
 
     @staticmethod
     def _baseline(

@@ -114,3 +114,24 @@ def greedy(probabilities: Sequence[float]) -> int:
 def is_greedy(probabilities: Sequence[float], index: int) -> bool:
     """Is ``index`` among the policy's top choices (tied for the highest probability)?"""
     return probabilities[index] >= max(probabilities)
+
+
+# Above this, a probability of a normalised list is necessarily its largest (see below).
+_SURE_GREEDY = 0.5 + 1e-6
+
+
+def is_greedy_normalised(probabilities: Sequence[float], index: int) -> bool:
+    """:func:`is_greedy` for what :func:`normalise` returned, without the pass over the
+    list (``max``, ~5 µs for 500 candidates) when the entry is above one half, as the
+    exploiting draws of epsilon-greedy are (~90% of them).
+
+    Why that is the same answer: such a list has no negative entry and no NaN beside an
+    entry above one half (a NaN needs an infinite total, which leaves every entry 0 or
+    NaN), and its entries sum to 1 up to rounding: each is ``w / total`` rounded, and
+    ``total`` is the rounded running sum of the ``w``, so the sum is at most
+    ``1 + n * 2**-52`` (1 + 3e-12 for 10,000 entries). An entry above ``0.5 + 1e-6``
+    therefore leaves less than 0.5 to all the others together: it is the largest.
+    """
+    if probabilities[index] > _SURE_GREEDY:
+        return True
+    return probabilities[index] >= max(probabilities)

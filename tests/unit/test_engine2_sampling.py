@@ -87,10 +87,24 @@ def test_draw_through_normalise_picks_what_the_scan_picked() -> None:
         for u in [rng.random() for _ in range(10)] + [0.0, 1.0, sum(p), math.nan]:
             assert sampling.draw(p, u) == sampling._draw_by_scan(p, u)
             assert sampling.draw_normalised(p, u) == sampling._draw_by_scan(p, u)
+        for index in range(len(p)):
+            assert sampling.is_greedy_normalised(p, index) == sampling.is_greedy(p, index)
     for n in (1, 2, 50, 500):  # the uniform exploration distribution
         q = [1.0 / n] * n
         for u in [rng.random() for _ in range(50)]:
             assert sampling.draw_normalised(q, u) == sampling._draw_by_scan(q, u)
+
+
+def test_is_greedy_normalised_near_one_half() -> None:
+    rng = random.Random(15)
+    for n in (2, 3, 10, 500, 5000):
+        for _ in range(200):
+            top = 0.5 + rng.choice([0.0, 1e-7, 1e-6, 2e-6, 1e-3, rng.random() / 2])
+            weights = [top] + [(1 - top) * rng.random() for _ in range(n - 1)]
+            weights[rng.randrange(1, n)] = 1 - top  # a rival as large as the rest allows
+            p = sampling.normalise(weights)
+            for index in (0, *range(1, n, max(1, n // 7))):
+                assert sampling.is_greedy_normalised(p, index) == sampling.is_greedy(p, index)
 
 
 def _positions(rng: random.Random) -> list[list[int]]:
