@@ -25,7 +25,9 @@ from pathlib import Path
 
 CHILD = r"""
 import random, sys, time
-sys.path.insert(0, {bench!r})
+sys.path.insert(1, {bench!r})
+import bandit_service
+print(bandit_service.__file__, file=sys.stderr)
 from _synthetic import candidates, context
 from bandit_service.candidate_sets import KeptCandidates
 from bandit_service.domain import DecisionRequest, slot_list
@@ -106,13 +108,14 @@ def main() -> None:
         bench=str(Path(__file__).resolve().parent), count=count, slots=slots, fake=args.fake
     )
     children = {}
-    for name in ("base", "current"):
-        env = dict(os.environ)
-        if name == "base":
-            env["PYTHONPATH"] = str(args.compare_src.resolve())
+    sources = {"base": args.compare_src.resolve(), "current": Path(__file__).resolve().parents[1]}
+    for name, source in sources.items():
+        # ``python -c`` puts the working directory first on sys.path: run each child in
+        # its own source tree, which is also its PYTHONPATH, so neither imports the other.
+        env = dict(os.environ, PYTHONPATH=str(source))
         children[name] = subprocess.Popen(
             [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, env=env,
+            text=True, env=env, cwd=source,
         )  # fmt: skip
     figures: dict[str, list[tuple[float, float]]] = {name: [] for name in children}
     for block in range(args.blocks):
