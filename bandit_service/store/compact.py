@@ -106,13 +106,14 @@ def _few_runs(positions: list[int]) -> list[int] | None:
     """:func:`runs` of a long increasing list with few gaps, or None (use the scan).
 
     The engine's slots after the first are such lists: 500 candidates less the few placed
-    in earlier slots, three or four runs, which the scan walks at ~28 µs a slot. Here each
+    in earlier slots, two to five runs, which the scan walks at ~25-30 µs a slot. Here each
     run's end is found by bisection on ``positions[j] - j`` (constant within a run, larger
     after a gap when the list increases), and the result is then checked in C: its runs
     laid end to end must give back ``positions`` and no run may begin where the one before
     it ends. Runs with those two properties are exactly what the scan returns (a run breaks
     where, and only where, an index is not its predecessor plus one), so a list that does
-    not increase fails the check and is scanned instead. ~10 µs a 500-candidate slot.
+    not increase fails the check and is scanned instead. ~15 µs a 500-candidate slot; a
+    500 x 5 decision's row compacts in ~170-240 µs instead of ~240-350 µs.
     """
     n = len(positions)
     limit = 8 + n // 32  # past this many runs, the scan is as cheap
