@@ -7,10 +7,11 @@ Like ``engine_latency.py --compare-src``, two child processes (the package in DI
 "base", and this one, "current") decide alternating blocks of requests, so both see the
 same machine load. Differences: the candidates arrive as the API hands over a repeated
 set (``candidate_sets.KeptCandidates``, with its ids and action lines), contexts vary
-(256 of them), and each child also times ``VWLearner._predict_reusing`` (VW's predict,
-its example list and finish: the part no engine change can remove) so the rest, the
-engine's own Python, is printed apart. ``--fake`` replaces the learner by one returning
-an epsilon-greedy pmf at once: the engine's Python alone, with far less noise.
+(256 of them), and each child also times ``VWLearner._predict_reusing`` (or
+``_predict_batch``: VW's predict, its example list and finish, the part no engine
+change can remove) so the rest, the engine's own Python, is printed apart. ``--fake``
+replaces the learner by one returning an epsilon-greedy pmf at once: the engine's Python
+alone, with far less noise.
 Figures: min, first quartile and median of the blocks (the first three dropped).
 """
 
@@ -40,18 +41,22 @@ policy = parse_policy(
     "bench", {{"vw_args": "--cb_explore_adf --epsilon 0.1 -q ua -q sa", "holdout_share": 0}}
 )
 spent = [0.0]
-original = vw.VWLearner._predict_reusing
 
 
-def timed(self, shared, actions):
-    start = time.process_time()
-    try:
-        return original(self, shared, actions)
-    finally:
-        spent[0] += time.process_time() - start
+def timing(original):
+    def timed(self, shared, actions):
+        start = time.process_time()
+        try:
+            return original(self, shared, actions)
+        finally:
+            spent[0] += time.process_time() - start
+
+    return timed
 
 
-vw.VWLearner._predict_reusing = timed
+for method in ("_predict_reusing", "_predict_batch"):  # the latter: newer trees
+    if hasattr(vw.VWLearner, method):
+        setattr(vw.VWLearner, method, timing(getattr(vw.VWLearner, method)))
 learner = vw.VWLearner(policy.vw_args)
 
 
