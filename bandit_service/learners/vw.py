@@ -475,10 +475,10 @@ class _VWScorer:
     def _batch_for(self, kept: list[Any], eligible: Sequence[int]) -> list[Any]:
         """``[None, *(kept[i] for i in eligible)]``, made from the previous slot's when
         ``eligible`` is its positions less one (the candidate that slot placed): one
-        entry deleted instead of a 500-entry list built. Why it matters: after VW's
-        predict has swept the weights through the caches, listing 500 kept examples
-        again (a reference count touched in each) cost ~20 µs a slot, ~4% of a 500 x 5
-        decision. The positions are compared, not assumed: anything else is listed anew.
+        entry deleted instead of a 500-entry list built: ~4 µs less a 500-candidate
+        slot (~18 µs of a ~1.95 ms 500 x 5 engine decision, measured alternating both
+        in one process). The positions are compared, not assumed: anything else is
+        listed anew.
         """
         batch, positions = self._batch, self._positions
         if batch is not None:
