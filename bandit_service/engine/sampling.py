@@ -51,8 +51,9 @@ def draw(probabilities: Sequence[float], u: float) -> int:
     The running sums are taken in C (``accumulate``) and searched by bisection. Over 500
     candidates that costs ~10 µs wherever the mass sits, as much as the scan below costs
     on average (measured with the mass at a random position), but the scan's cost grows
-    with the position (~20 µs near the end), and the first entry is tried before either:
-    an untrained model's greedy action. The same index as the scan whenever
+    with the position (~20 µs near the end). (An untrained model's epsilon-greedy pmf is
+    uniform, all scores tied, so the scan's average is what the benchmarks see.) The first
+    entry is tried before either, one comparison. The same index as the scan whenever
     every probability is non-negative, none is NaN and ``u >= 0``: the sums are then the
     scan's (adding a zero changes no float), non-decreasing, and the first sum above
     ``u`` never belongs to a zero (the sum before it would already be above ``u``).
@@ -62,8 +63,7 @@ def draw(probabilities: Sequence[float], u: float) -> int:
     if probabilities and u >= 0.0:
         if u < probabilities[0]:
             # The scan's first step (a zero, a negative or a NaN first entry is never
-            # above u >= 0), and a common answer: before a model has learned anything,
-            # VW's greedy action is the first one.
+            # above u >= 0): no list of sums when the first entry takes the draw.
             return 0
         sums = list(accumulate(probabilities))
         # A NaN anywhere makes the last sum NaN (no negative weight can cancel an infinity).
