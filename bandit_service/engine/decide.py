@@ -13,8 +13,9 @@ slots, pins, rules). Pinned slots are logged with probability 1 and ``explored: 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bandit_service.domain import (
@@ -62,7 +63,7 @@ class DecisionEngine:
     def decide(self, request: DecisionRequest) -> Decision:
         policy = self.policy(request.policy)
         candidates = request.candidates
-        _check_candidates(candidates)
+        all_ids = _candidate_ids(candidates)
         if not request.slots:
             raise InvalidRequest("at least one slot is required", "slots")
         slot_ids = [slot.id for slot in request.slots]
@@ -87,12 +88,10 @@ class DecisionEngine:
             else PopularityScores(prior=0.0)
         )
         scorer = None if holdout or opted_out else learner.scorer(request.context, candidates)
-        now = self._clock()
-        weights = (
-            [policy.rules.weight(c.features, now) for c in candidates]
-            if policy.rules.reweights and not holdout
-            else None
-        )
+        weights = None
+        if policy.rules.reweights and not holdout:  # the clock serves reweighting only
+            now = self._clock()
+            weights = [policy.rules.weight(c.features, now) for c in candidates]
         # Only online draws use the generator (seeded by the event id): holdout and
         # baseline slots are deterministic.
         uniform = (
@@ -103,7 +102,6 @@ class DecisionEngine:
         # Each slot's distribution goes out as the engine holds it, positions in the
         # request's candidate order and probabilities (domain.Distribution), which is what
         # the log stores: no (id, p) pairs are built per decision (store/compact.py).
-        all_ids = [c.id for c in candidates]
         choices: list[SlotChoice] = []
         for k, slot in enumerate(request.slots):
             if k in page.pins:
@@ -158,7 +156,7 @@ class DecisionEngine:
         k: int,
         slot: Slot,
         allowed: list[int],
-        all_ids: list[str],
+        all_ids: Sequence[str],
         weights: list[float] | None,
         popularity: PopularityScores,
         uniform: Callable[[], float],
@@ -178,17 +176,17 @@ class DecisionEngine:
         if k in rules.exploration_positions:
             ids = [all_ids[i] for i in allowed]
             q = _exploration_distribution(rules.exploration_distribution, ids, popularity)
-            return sampling.draw(q, uniform()), q, True
+            return sampling.draw_normalised(q, uniform()), q, True
         share = rules.exploration_share
         if share > 0:
             ids = [all_ids[i] for i in allowed]
             q = _exploration_distribution(rules.exploration_distribution, ids, popularity)
             mixture = [share * qi + (1 - share) * pi for qi, pi in zip(q, p, strict=True)]
             explore = uniform() < share
-            chosen = sampling.draw(q if explore else p, uniform())
-            return chosen, mixture, explore or not sampling.is_greedy(p, chosen)
-        chosen = sampling.draw(p, uniform())
-        return chosen, p, not sampling.is_greedy(p, chosen)
+            chosen = sampling.draw_normalised(q if explore else p, uniform())
+            return chosen, mixture, explore or not sampling.is_greedy_normalised(p, chosen)
+        chosen = sampling.draw_normalised(p, uniform())
+        return chosen, p, not sampling.is_greedy_normalised(p, chosen)
 
     @staticmethod
     def _baseline(
@@ -254,6 +252,23 @@ class _Page:
     def plan(cls, policy: PolicyConfig, request: DecisionRequest) -> _Page:
         candidates = request.candidates
         rules = policy.rules
+        if not (
+            request.excluded or rules.exclude_if or request.pins or rules.pins
+            or rules.max_per_value
+        ):  # fmt: skip
+            # Nothing excluded, pinned or capped (the usual page): every candidate is free
+            # and there are no counts to keep. The same page as below, without building
+            # the empty sets, maps and counters one by one (~3 µs of a 50 x 1 decision).
+            if len(request.slots) > len(candidates):
+                raise InvalidRequest(
+                    f"{len(request.slots)} slot(s) requested but only {len(candidates)} "
+                    "candidate(s) are eligible after exclusions and pins",
+                    "slots",
+                )
+            return cls(
+                policy, candidates, len(request.slots), list(range(len(candidates))), {}, [],
+                [slot.excluded for slot in request.slots], [],
+            )  # fmt: skip
         excluded = (
             {
                 i for i, c in enumerate(candidates)
@@ -301,8 +316,17 @@ class _Page:
                 counts[key] += 1
 
     def place(self, i: int) -> None:
-        self.free.remove(i)
-        self._count(i)
+        # ``free`` stays in increasing order (built so, only ever deleted from): bisection
+        # finds ``i`` where ``list.remove`` compared it with every earlier entry (0.2 µs
+        # instead of ~2 µs a slot for 500 candidates, measured at random positions).
+        free = self.free
+        at = bisect_left(free, i)
+        if at < len(free) and free[at] == i:
+            del free[at]
+        else:
+            free.remove(i)  # not there: ValueError, as before
+        if self.counts:
+            self._count(i)
 
     def allowed(self, k: int) -> list[int]:
         """Free candidates that may fill slot ``k`` without breaking a cap, now or later.
@@ -313,12 +337,13 @@ class _Page:
         several caps it is a necessary condition, and an unlucky combination can still
         leave a later slot empty (a 422 naming that slot).
         """
-        later = sum(1 for s in range(k + 1, self.slot_count) if s not in self.pins)
         allowed = list(self.free)
         if self.slot_excluded and self.slot_excluded[k]:
             banned = self.slot_excluded[k]
             allowed = [i for i in allowed if self.candidates[i].id not in banned]
-        for c, cap in enumerate(self.policy.rules.max_per_value):
+        caps = self.policy.rules.max_per_value
+        later = sum(1 for s in range(k + 1, self.slot_count) if s not in self.pins) if caps else 0
+        for c, cap in enumerate(caps):
             counts = self.counts[c]
             keys = self.keys[c]
             allowed = [
@@ -393,11 +418,27 @@ def _plan_pins(
     return pins
 
 
-def _check_candidates(candidates: tuple[Candidate, ...]) -> None:
+def _candidate_ids(candidates: tuple[Candidate, ...]) -> Sequence[str]:
+    """The candidates' ids in request order, once checked: at least one, none twice.
+
+    A kept candidate set (``candidate_sets.KeptCandidates``, a repeated inline set or a
+    catalog selection) carries its ids and their positions, built once for the set
+    (``logged.ids``, a ``store.compact.CandidateIds``): as many positions as ids means no
+    id twice, so neither the list of ids nor the set that checks them is built per
+    decision (together ~25 µs of a 500-candidate decision). Only read, like the set.
+    """
     if not candidates:
         raise InvalidRequest("candidates must not be empty", "candidates")
-    if len({c.id for c in candidates}) == len(candidates):
-        return  # the usual case, one set built; the loop below names a duplicate
+    kept = getattr(getattr(candidates, "logged", None), "ids", None)
+    if (
+        kept is not None
+        and len(kept) == len(candidates)
+        and len(getattr(kept, "position", ())) == len(kept)
+    ):
+        return kept
+    ids = [c.id for c in candidates]
+    if len(set(ids)) == len(ids):
+        return ids  # the usual case, one set built; the loop below names a duplicate
     seen: dict[str, int] = {}
     for index, candidate in enumerate(candidates):
         if candidate.id in seen:
@@ -407,3 +448,4 @@ def _check_candidates(candidates: tuple[Candidate, ...]) -> None:
                 f"candidates[{index}].id",
             )
         seen[candidate.id] = index
+    raise AssertionError("unreachable: a duplicate id was counted")  # pragma: no cover

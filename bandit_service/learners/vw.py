@@ -13,6 +13,7 @@ import os
 import shlex
 import tempfile
 import threading
+from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -121,13 +122,37 @@ class VWLearner:
         batch.extend(actions)
         try:
             _pylibvw.vw.predict_multi(self._ws, batch)
-            return list(batch[0].get_action_scores())
+            scores = batch[0].get_action_scores()  # a new list already (pybind11)
+            return scores if type(scores) is list else list(scores)
         except BaseException:
             if self.action_examples is not None:
                 self.action_examples.clear()  # see _learn_reusing
             raise
         finally:
             _pylibvw.vw._finish_example_multi_ex(self._ws, batch)
+
+    def _predict_batch(self, shared: str, batch: list[Any]) -> list[float]:
+        """:meth:`_predict_reusing` given ``batch``, ``[None, *actions]``: the shared line,
+        parsed now, takes the first place for the duration of the call (the same
+        examples, in the same order, as ``_predict_reusing(shared, batch[1:])``), so that
+        a scorer can keep the list from slot to slot (:meth:`_VWScorer.pmf`). Caller
+        holds the lock."""
+        parsed = self._ws._parse(shared)
+        if len(parsed) != 1:  # not one shared example: the general way
+            _pylibvw.vw._finish_example_multi_ex(self._ws, parsed)
+            return self._predict_reusing(shared, batch[1:])
+        batch[0] = parsed[0]
+        try:
+            _pylibvw.vw.predict_multi(self._ws, batch)
+            scores = batch[0].get_action_scores()
+            return scores if type(scores) is list else list(scores)
+        except BaseException:
+            if self.action_examples is not None:
+                self.action_examples.clear()  # see _learn_reusing
+            raise
+        finally:
+            _pylibvw.vw._finish_example_multi_ex(self._ws, batch)
+            batch[0] = None
 
     def action_scores(self, lines: list[str]) -> list[float]:
         """The model's score (predicted cost, lower is better) of each action line after the
@@ -416,6 +441,9 @@ class _VWScorer:
         self._asked = False  # has the first slot looked up the kept examples?
         self._kept: list[Any] | None = None
         self._generation = 0
+        # The last slot's batch, ``[None, *kept examples]``, and the positions it lists.
+        self._batch: list[Any] | None = None
+        self._positions: list[int] = []
         # The context's rendering, made at the first slot and reused by the others; the
         # service stores it with the decision for the trainer (None: never rendered).
         self.context_line: str | None = None
@@ -441,5 +469,33 @@ class _VWScorer:
                     and examples.fits(shared)
                 ):
                     examples.note_served()
-                    return learner._predict_reusing(shared, [kept[i] for i in eligible])
+                    return learner._predict_batch(shared, self._batch_for(kept, eligible))
         return learner.predict_lines([shared, *[lines[i] for i in eligible]])
+
+    def _batch_for(self, kept: list[Any], eligible: Sequence[int]) -> list[Any]:
+        """``[None, *(kept[i] for i in eligible)]``, made from the previous slot's when
+        ``eligible`` is its positions less one (the candidate that slot placed): one
+        entry deleted instead of a 500-entry list built: ~4 µs less a 500-candidate
+        slot (~18 µs of a ~1.95 ms 500 x 5 engine decision, measured alternating both
+        in one process). The positions are compared, not assumed: anything else is
+        listed anew.
+        """
+        batch, positions = self._batch, self._positions
+        if batch is not None:
+            if len(eligible) == len(positions) and eligible == positions:
+                return batch
+            if len(eligible) == len(positions) - 1:
+                # The first place where they differ, if the previous positions increase
+                # (the engine's do); checked right after, whatever they are.
+                gone = bisect_left(
+                    range(len(eligible)), True, key=lambda i: eligible[i] != positions[i]
+                )
+                if eligible[gone:] == positions[gone + 1 :] and eligible[:gone] == positions[:gone]:
+                    del positions[gone]
+                    del batch[gone + 1]
+                    return batch
+        positions = list(eligible)
+        batch = [None]
+        batch += [kept[i] for i in positions]
+        self._batch, self._positions = batch, positions
+        return batch

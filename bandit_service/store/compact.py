@@ -35,8 +35,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import operator
 import struct
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -81,12 +84,54 @@ def candidate_ids(candidates: Sequence[dict[str, Any]]) -> Sequence[str]:
 
 def runs(indices: Iterable[int]) -> list[int]:
     """Indices as flattened half-open runs of consecutive values: [0,1,2,5] -> [0,3,5,6]."""
+    if type(indices) is list and len(indices) >= 64:
+        found = _few_runs(indices)
+        if found is not None:
+            return found
+    return _runs_by_scan(indices)
+
+
+def _runs_by_scan(indices: Iterable[int]) -> list[int]:
+    """:func:`runs`, one index at a time."""
     out: list[int] = []
     for i in indices:
         if out and out[-1] == i:
             out[-1] = i + 1
         else:
             out += [i, i + 1]
+    return out
+
+
+def _few_runs(positions: list[int]) -> list[int] | None:
+    """:func:`runs` of a long increasing list with few gaps, or None (use the scan).
+
+    The engine's slots after the first are such lists: 500 candidates less the few placed
+    in earlier slots, two to five runs, which the scan walks at ~25-30 µs a slot. Here each
+    run's end is found by bisection on ``positions[j] - j`` (constant within a run, larger
+    after a gap when the list increases), and the result is then checked in C: its runs
+    laid end to end must give back ``positions`` and no run may begin where the one before
+    it ends. Runs with those two properties are exactly what the scan returns (a run breaks
+    where, and only where, an index is not its predecessor plus one), so a list that does
+    not increase fails the check and is scanned instead. ~15 µs a 500-candidate slot; a
+    500 x 5 decision's row compacts in ~170-240 µs instead of ~240-350 µs.
+    """
+    n = len(positions)
+    limit = 8 + n // 32  # past this many runs, the scan is as cheap
+    out: list[int] = []
+    at = 0
+    try:
+        while at < n:
+            start = positions[at]
+            end = bisect_right(range(n), start - at, lo=at + 1, key=lambda j: positions[j] - j)
+            out += (start, start + end - at)
+            at = end
+            if len(out) > 2 * limit:
+                return None
+        laid = list(chain.from_iterable(map(range, out[::2], out[1::2])))
+    except TypeError:  # not integers
+        return None
+    if laid != positions or any(map(operator.eq, out[2::2], out[1:-1:2])):
+        return None
     return out
 
 
@@ -182,9 +227,10 @@ def _compact_slot(
     instead of a Python loop."""
     first = positions[0]
     n = len(positions)
-    contiguous = positions[-1] == first + n - 1 and list(positions) == list(range(first, first + n))
+    listed = positions if type(positions) is list else list(positions)
+    contiguous = positions[-1] == first + n - 1 and listed == list(range(first, first + n))
     compact = {k: v for k, v in slot.items() if k != "pmf"}
-    compact["eligible"] = [first, first + n] if contiguous else runs(positions)
+    compact["eligible"] = [first, first + n] if contiguous else runs(listed)
     compact["p"] = pack_probabilities(probabilities)
     return compact
 
