@@ -318,6 +318,11 @@ class DecisionService:
         """
         self._check_limits(request)
         self._check_identifiers(request)
+        if not may_exist:
+            # An event id the service just drew (122 random bits) is known to no one else
+            # yet: no other request can be deciding it, so the in-flight future (a future,
+            # two dict operations, its result) is skipped, ~1.5 µs a decision.
+            return _same_policy(await self._decide_and_log(request, may_exist), request)
         pending = self._in_flight.get(request.event_id)
         if pending is not None:  # the same event id is being decided right now
             return _same_policy(await asyncio.shield(pending), request)

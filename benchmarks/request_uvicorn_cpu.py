@@ -17,6 +17,7 @@ py-spy (GIL holder, raw collapsed stacks into DIR), for ``request_stacks.py``.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import statistics
 import subprocess
@@ -112,6 +113,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--profile", type=Path, help="py-spy raw stacks of one round each")
     parser.add_argument("--all-threads", action="store_true", help="py-spy: not only the GIL")
+    parser.add_argument(
+        "--together", action="store_true",
+        help="load both servers at the same time (each its own wrk): both see the same "
+        "machine, so the CPU figures compare even when other work comes and goes",
+    )  # fmt: skip
     parser.add_argument("--only", choices=["base", "current"], help="serve just one of them")
     args = parser.parse_args()
     tag = uuid.uuid4().hex[:8]
@@ -141,12 +147,26 @@ def main() -> None:
             run_wrk(server.url, files[name], 16, 1, 10**7, folder / "warm.json")
         results: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
         for number in range(args.rounds):
-            for name, server in servers.items():
-                profile = None
-                if args.profile and number == 0:
-                    args.profile.mkdir(parents=True, exist_ok=True)
-                    profile = args.profile / f"{name}.txt"
-                r = _round(server, files[name], args, folder / "wrk.json", profile)
+            measured: dict[str, dict[str, float]] = {}
+            if args.together:  # both under load at once: the same machine for both
+                with concurrent.futures.ThreadPoolExecutor(len(servers)) as pool:
+                    running = {
+                        name: pool.submit(
+                            _round, server, files[name], args, folder / f"wrk-{name}.json", None
+                        )
+                        for name, server in servers.items()
+                    }
+                    measured = {name: future.result() for name, future in running.items()}
+            else:
+                for name, server in servers.items():
+                    profile = None
+                    if args.profile and number == 0:
+                        args.profile.mkdir(parents=True, exist_ok=True)
+                        profile = args.profile / f"{name}.txt"
+                    measured[name] = _round(
+                        server, files[name], args, folder / f"wrk-{name}.json", profile
+                    )
+            for name, r in measured.items():
                 results[name].append(r)
                 print(f"round {number + 1} {name:8s} {r['cpu_us']:6.0f} µs CPU "
                       f"(user {r['user_us']:4.0f}, sys {r['system_us']:3.0f}) "
@@ -158,9 +178,9 @@ def main() -> None:
     for name, rows in results.items():
         line = f"  {name:8s}"
         for key, unit in (("cpu_us", "µs CPU"), ("user_us", "user"), ("system_us", "sys"),
-                          ("involuntary", "invol"), ("rate", "/s")):  # fmt: skip
+                          ("involuntary", "invol"), ("rate", "/s"), ("p99_ms", "ms p99")):  # fmt: skip
             values = [r[key] for r in rows]
-            fmt = ".2f" if key == "involuntary" else ".0f"
+            fmt = ".2f" if key == "involuntary" else ".1f" if key == "p99_ms" else ".0f"
             line += (f"  {statistics.median(values):{fmt}} ({min(values):{fmt}}-"
                      f"{max(values):{fmt}}) {unit}")  # fmt: skip
         print(line)
