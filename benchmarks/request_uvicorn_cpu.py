@@ -177,8 +177,9 @@ def main() -> None:
           f"PostgreSQL, medians (min-max) of {args.rounds} rounds, per request:")  # fmt: skip
     for name, rows in results.items():
         line = f"  {name:8s}"
-        for key, unit in (("cpu_us", "µs CPU"), ("user_us", "user"), ("system_us", "sys"),
-                          ("involuntary", "invol"), ("rate", "/s"), ("p99_ms", "ms p99")):  # fmt: skip
+        columns = (("cpu_us", "µs CPU"), ("user_us", "user"), ("system_us", "sys"),
+                   ("involuntary", "invol"), ("rate", "/s"), ("p99_ms", "ms p99"))  # fmt: skip
+        for key, unit in columns:
             values = [r[key] for r in rows]
             fmt = ".2f" if key == "involuntary" else ".1f" if key == "p99_ms" else ".0f"
             line += (f"  {statistics.median(values):{fmt}} ({min(values):{fmt}}-"
