@@ -19,23 +19,24 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _servers import Server, descendants, start_service, write_policies
+from _servers import BENCH_DIR, Server, descendants, start_service, write_policies
 from http_load import decision_lines, make_decisions, reward_lines, run_wrk
 
 
 def _proc_figures(pids: list[int]) -> dict[str, float]:
     """Summed user/system CPU seconds and context switches of ``pids`` (Linux /proc)."""
-    import os
-
     tick = os.sysconf("SC_CLK_TCK")
     out = {"user": 0.0, "system": 0.0, "voluntary": 0.0, "involuntary": 0.0}
     for pid in pids:
@@ -84,7 +85,7 @@ def _round(
              "--nonblocking", *(["--gil"] if not args.all_threads else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-    result = run_wrk(server.url, requests, args.concurrency, args.duration, 10**7, out)
+    result = _run_wrk(server.url, requests, args.concurrency, args.duration, out)
     after = _proc_figures(pids)
     if spy is not None:
         spy.wait()
@@ -99,7 +100,33 @@ def _round(
         "rate": result["rate"],
         "p99_ms": result["latency_us"]["p99"] / 1000,
         "failed": result["failed"],
+        "wrk_us": result["wrk_cpu"] / done * 1e6,
     }
+
+
+def _run_wrk(
+    url: str, request_file: Path, concurrency: int, duration: float, out: Path
+) -> dict[str, Any]:
+    """``http_load.run_wrk``, also returning the CPU seconds wrk itself spent (the client
+    shares the machine: what it saves is CPU the servers get)."""
+    threads = min(2, concurrency)
+    env = {**os.environ, "LOAD_REQUESTS": str(request_file), "LOAD_MAX": "0",
+           "LOAD_OUT": str(out)}  # fmt: skip
+    command = [
+        "wrk", f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(duration))}s",
+        "--timeout", "10s", "-s", str(BENCH_DIR / "http_load.lua"), url,
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk exited with {proc.returncode}")
+    result: dict[str, Any] = json.loads(out.read_text())
+    seconds = result["duration_us"] / 1e6
+    result["rate"] = result["requests"] / seconds if seconds else 0.0
+    result["failed"] = sum(result["errors"].values())
+    result["wrk_cpu"] = usage.ru_utime + usage.ru_stime
+    return result
 
 
 def main() -> None:
@@ -171,6 +198,7 @@ def main() -> None:
                 print(f"round {number + 1} {name:8s} {r['cpu_us']:6.0f} µs CPU "
                       f"(user {r['user_us']:4.0f}, sys {r['system_us']:3.0f}) "
                       f"ctx vol {r['voluntary']:.2f} invol {r['involuntary']:.2f} "
+                      f"wrk {r['wrk_us']:.0f} µs "
                       f"{r['rate']:6.0f}/s p99 {r['p99_ms']:.1f} ms"
                       + (f" FAILED {r['failed']}" if r["failed"] else ""), flush=True)  # fmt: skip
     print(f"\n{args.workload}, {args.concurrency} in flight, {args.workers} workers, "
@@ -178,6 +206,7 @@ def main() -> None:
     for name, rows in results.items():
         line = f"  {name:8s}"
         columns = (("cpu_us", "µs CPU"), ("user_us", "user"), ("system_us", "sys"),
+                   ("wrk_us", "wrk µs"),
                    ("involuntary", "invol"), ("rate", "/s"), ("p99_ms", "ms p99"))  # fmt: skip
         for key, unit in columns:
             values = [r[key] for r in rows]
