@@ -31,6 +31,29 @@ def _frame(text: str) -> tuple[str, str]:
     return text[: found.start()], where
 
 
+# Self time bucketed by who owns the code (``--groups``): first match wins.
+GROUPS = (
+    ("engine + VW (engine/, learners/, domain, policy, holdout)",
+     ("bandit_service/engine/", "bandit_service/learners/", "bandit_service/domain.py",
+      "bandit_service/policy.py", "bandit_service/holdout.py", "random.py", "<string>")),
+    ("store writer (store/, psycopg, SQLAlchemy)",
+     ("bandit_service/store/", "psycopg", "sqlalchemy/")),
+    ("uvicorn protocol + event loop (uvloop C under Runner.run)",
+     ("uvicorn/", "asyncio/")),
+    ("Starlette / FastAPI layers", ("starlette/", "fastapi/")),
+    ("request glue: api/, ops/, service, identifiers, candidate sets, app",
+     ("bandit_service/",)),
+    ("prometheus_client", ("prometheus_client/",)),
+)  # fmt: skip
+
+
+def _group(where: str) -> str:
+    for name, prefixes in GROUPS:
+        if any(where.startswith(p) or p in where for p in prefixes):
+            return name
+    return "other (stdlib, threads, logging)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stacks", type=Path)
@@ -38,6 +61,7 @@ def main() -> None:
     parser.add_argument("--match", help="only samples whose stack contains this")
     args = parser.parse_args()
     by_file: collections.Counter[str] = collections.Counter()
+    groups: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     total = 0
@@ -54,12 +78,14 @@ def main() -> None:
             continue
         function, where = frames[-1]
         by_file[where] += n
+        groups[_group(where)] += n
         own[f"{function} ({where})"] += n
         for name in {f"{fn} ({wh})" for fn, wh in frames}:
             inclusive[name] += n
     print(f"{total} samples")
-    for title, counter in (("self by file", by_file), ("self by function", own),
-                           ("inclusive", inclusive)):  # fmt: skip
+    tables = (("self by owner", groups), ("self by file", by_file),
+              ("self by function", own), ("inclusive", inclusive))  # fmt: skip
+    for title, counter in tables:
         print(f"\n{title}:")
         for name, n in counter.most_common(args.top):
             print(f"  {n / total:6.1%}  {name[:120]}")
