@@ -18,7 +18,7 @@ from bandit_service.policy import PolicyError, load_policies
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from bandit_service.ops import logs
+    from bandit_service.ops import logs, protocol
     from bandit_service.ops.lifecycle import exit_cleanly_on_sigterm
 
     # Workers build their own Settings from the environment: pass the flags on that way.
@@ -39,6 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
     uvicorn.run(
         "bandit_service.app:app_from_env",
         factory=True,
+        http=protocol.http_protocol(),  # one write per answer (ops/protocol.py)
         host=args.host,
         port=args.port,
         workers=args.workers,

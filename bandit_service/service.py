@@ -15,7 +15,6 @@ import logging
 import secrets
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,6 +31,7 @@ from bandit_service.holdout import PopularityBoard
 from bandit_service.identifiers import find_identifier
 from bandit_service.model_registry import ModelRegistry
 from bandit_service.ops import events
+from bandit_service.ops.ids import random_hex, random_uuid
 from bandit_service.policy import PolicyConfig, PolicyError, load_policy_file, policy_file_marks
 from bandit_service.reports.lift import collect_outcomes, lift_report
 from bandit_service.rewards import PRIMARY
@@ -46,7 +46,9 @@ USER_HASH_KEY = "user_hash_secret"
 
 
 def new_event_id() -> str:
-    return uuid.uuid4().hex
+    """A fresh event id: ``uuid.uuid4().hex``'s format and randomness, ~0.3 µs instead of
+    ~3.4 (``bandit_service/ops/ids.py``)."""
+    return random_hex()
 
 
 class DecisionService:
@@ -316,6 +318,11 @@ class DecisionService:
         """
         self._check_limits(request)
         self._check_identifiers(request)
+        if not may_exist:
+            # An event id the service just drew (122 random bits) is known to no one else
+            # yet: no other request can be deciding it, so the in-flight future (a future,
+            # two dict operations, its result) is skipped, ~1.5 µs a decision.
+            return _same_policy(await self._decide_and_log(request, may_exist), request)
         pending = self._in_flight.get(request.event_id)
         if pending is not None:  # the same event id is being decided right now
             return _same_policy(await asyncio.shield(pending), request)
@@ -476,7 +483,7 @@ class DecisionService:
                 "kind": kind,
                 "reward_id": scoped_reward_id(event_id, reward_id)
                 if reward_id is not None
-                else str(uuid.uuid4()),
+                else random_uuid(),
             }
         )
         stored = result.row

@@ -148,8 +148,12 @@ def _presented_key(
 def _check_client(request: Request) -> None:
     """Without keys only loopback clients are served (a second line behind ``serve``)."""
     host = request.client.host if request.client else None
-    if host is None:
-        return
+    if host is not None:
+        _check_host(host)
+
+
+def _check_host(host: str) -> None:
+    """403 ``loopback_only`` for a client address that is not on loopback."""
     if _refused_host(host):
         raise AuthError(
             403,
@@ -263,8 +267,21 @@ class Require:
         instead of having FastAPI solve the dependency (the decision route's fast path:
         dependency solving was ~10% of a decision's CPU). The key headers are read by the
         very objects FastAPI would call."""
-        keyring: KeyRing = request.app.state.keyring
-        if keyring.anonymous is not None:  # no keys configured: none is read
+        keyring: KeyRing = request.scope["app"].state.keyring
+        anonymous = keyring.anonymous
+        if anonymous is not None:  # no keys configured: none is read
+            if anonymous.policies is None and (
+                anonymous.limits.max_body_bytes >= keyring.defaults.max_body_bytes
+            ):
+                # What ``_admit`` does for this principal, without its awaits and the
+                # ``Request`` properties it goes through (client address, state object):
+                # 5.6% of a decision's in-process CPU before, ~1 µs now. The same checks,
+                # the same answers; any other principal takes ``_admit``.
+                client = request.scope.get("client")
+                if client is not None and client[0] is not None:
+                    _check_host(client[0])
+                request.scope.setdefault("state", {})["principal"] = anonymous
+                return anonymous
             return await self._admit(request, None, None, None)
         return await self._admit(
             request, await _bearer(request), await _x_api_key(request), await _ocp_key(request)

@@ -141,7 +141,10 @@ KEPT_SETS = KeptSetCache()
 def decode_decision(body: bytes) -> FastDecision | None:
     """The request in ``body``, or None when it is not in the fast subset (see the module
     docstring): the caller then validates it with ``DecisionIn``."""
-    if b"\\u" in body:
+    # A one-byte search runs as memchr (~0.2 µs for a 6.7 kB 50 x 10 body); CPython's
+    # search for the two bytes ``\u`` walks the body at ~1 ns a byte (6 µs). Most bodies
+    # have no backslash at all; one that has is searched for ``\u`` as before.
+    if body.find(b"\\") >= 0 and b"\\u" in body:
         return None
     try:
         decision = _DECISION.decode(body)

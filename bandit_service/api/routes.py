@@ -10,6 +10,7 @@ import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
+from starlette.types import Scope
 
 from bandit_service.api.auth import Principal, admit_candidates, admit_policy, require
 from bandit_service.api.catalog_decide import catalog_candidates
@@ -72,8 +73,29 @@ def known_event_id(event_id: str) -> str:
     return event_id
 
 
+class _JsonResponse(Response):
+    """A Starlette ``Response`` of JSON bytes, built directly: the same attributes and
+    headers (``content-length`` then ``content-type``) that ``Response(body, status,
+    media_type="application/json")`` sets, without its general ``render`` and
+    ``init_headers`` (~1.5 of ~1.8 µs per answer)."""
+
+    media_type = "application/json"
+
+    def __init__(self, body: bytes, status_code: int) -> None:
+        self.status_code = status_code
+        self.background = None
+        self.body = body
+        self.raw_headers = [(b"content-length", str(len(body)).encode()), _JSON_TYPE]
+
+
+_JSON_TYPE = (b"content-type", b"application/json")
+
+
 def json_response(payload: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(payload), status, media_type="application/json")
+    body = orjson.dumps(payload)
+    if status < 200 or status in (204, 304):  # no content-length: Starlette's own rules
+        return Response(body, status, media_type="application/json")
+    return _JsonResponse(body, status)
 
 
 def iso(ts: float | None) -> str | None:
@@ -123,16 +145,26 @@ async def decide_fast(request: Request) -> Response | None:
     subset, including every invalid one -- returns None, and FastAPI's path answers it.
     For what it does answer, the checks and their order are FastAPI's: the body parses
     and validates, then the key is checked (same errors), then the request is served."""
-    query = request.scope["query_string"]
+    scope = request.scope
+    query = scope["query_string"]
     if query and query != b"include=pmf":
         return None
-    if request.headers.get("content-type", "").lower() != _JSON:
+    if _content_type(scope) != _JSON:
         return None
     body = decode_decision(await request.body())
     if body is None:
         return None
     principal = await _DECIDE.admit(request)
-    return await _decide(body, request.app.state.service, principal, bool(query))
+    return await _decide(body, scope["app"].state.service, principal, bool(query))
+
+
+def _content_type(scope: Scope) -> str:
+    """``request.headers.get("content-type", "").lower()``, read from the raw headers
+    without building the ``Headers`` object (the first such header, as it would)."""
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            return value.decode("latin-1").lower()
+    return ""
 
 
 async def _decide(
@@ -216,7 +248,7 @@ async def reward_fast(request: Request) -> Response | None:
     """``reward`` without FastAPI's dependency solving, as ``decide_fast`` does it: the
     body is validated by ``RewardIn`` itself (it is small), the key by the same ``Require``
     (after the body, as FastAPI orders them); any other request returns None."""
-    if request.scope["query_string"] or request.headers.get("content-type", "").lower() != _JSON:
+    if request.scope["query_string"] or _content_type(request.scope) != _JSON:
         return None
     try:
         body = RewardIn.model_validate_json(await request.body())

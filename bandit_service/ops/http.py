@@ -24,7 +24,6 @@ import contextlib
 import logging
 import re
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +31,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bandit_service.ops import metrics
+from bandit_service.ops.ids import random_hex
 from bandit_service.ops.logs import REQUEST_ID
 
 log = logging.getLogger("bandit_service.http")
@@ -53,7 +53,7 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
             if SANE_REQUEST_ID.match(text):
                 return text
             break
-    return uuid.uuid4().hex
+    return random_hex()
 
 
 class RequestContext:
@@ -96,21 +96,48 @@ class RequestContext:
                     request_id = text if SANE_REQUEST_ID.match(text) else ""
             elif name == _CONTENT_LENGTH and limit is not None:
                 over = over or (value.isdigit() and int(value) > limit)
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or random_hex()  # uuid4().hex's format (ops/ids.py)
         token = REQUEST_ID.set(request_id)
         start = time.perf_counter()
         status = 500
         echoed = (HEADER, request_id.encode())
+        # Set once the body passes the limit: whatever the app then answers (frameworks
+        # turn a failed body read into a 400) is dropped, and our 413 is sent instead.
+        # One ``send`` wrapper does both jobs (it used to be two, one per concern: an
+        # extra coroutine call on each of a request's two messages).
+        blocked = False
+        received = 0
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
+            if blocked:
+                return
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message = {**message, "headers": [*message.get("headers", []), echoed]}
             await send(message)
 
+        async def limited_receive() -> Message:
+            nonlocal received, blocked
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:  # type: ignore[operator]  # only used with a limit
+                    blocked = True
+                    raise _TooLarge
+            return message
+
         try:
-            await self._limited(scope, receive, send_with_id, over)
+            if limit is None:
+                await self.app(scope, receive, send_with_id)
+            elif over:  # a Content-Length over the limit: refused before anything is read
+                await self._refuse(scope, receive, send_with_id)
+            else:
+                with contextlib.suppress(_TooLarge):
+                    await self.app(scope, limited_receive, send_with_id)
+                if blocked:
+                    blocked = False
+                    await self._refuse(scope, receive, send_with_id)
         except BaseException:
             # Starlette's outer error middleware answers 500 and logs through our handler,
             # which echoes the id: keep it set (the task ends with the request anyway).
@@ -118,39 +145,6 @@ class RequestContext:
             raise
         self._record(scope, status, start)
         REQUEST_ID.reset(token)
-
-    async def _limited(self, scope: Scope, receive: Receive, send: Send, over: bool) -> None:
-        """The app, with the body limit: ``over`` when a Content-Length exceeds it."""
-        limit = self.max_body_bytes
-        if limit is None:
-            await self.app(scope, receive, send)
-            return
-        if over:
-            await self._refuse(scope, receive, send)
-            return
-        received = 0
-        too_large = False
-
-        async def limited_receive() -> Message:
-            nonlocal received, too_large
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    too_large = True
-                    raise _TooLarge
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            # Once the body is known to be too large, whatever the app answers (frameworks
-            # turn a failed body read into a 400) is replaced by our 413.
-            if not too_large:
-                await send(message)
-
-        with contextlib.suppress(_TooLarge):
-            await self.app(scope, limited_receive, guarded_send)
-        if too_large:
-            await self._refuse(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         assert self.too_large is not None
