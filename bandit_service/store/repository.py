@@ -250,7 +250,7 @@ _INSERT_CANDIDATE_SETS = {
 @contextmanager
 def _driver_connection(session: Session) -> Iterator[Any]:
     """The session's DBAPI connection (psycopg or sqlite3, in the session's transaction),
-    for what SQLAlchemy has no statement for (``COPY``) or adds only cost to. A driver
+    for what SQLAlchemy has no way to say (a pipeline) or adds only cost to. A driver
     error comes out as SQLAlchemy's (``IntegrityError``, ``OperationalError`` ...), as from
     ``session.execute``, and a lost connection is invalidated, so callers (the writer's
     retries, its "store unreachable" test) cannot tell the two paths apart."""

@@ -23,6 +23,12 @@ The thread keeps one store connection while writes keep coming (no pool check-ou
 on PostgreSQL no pre-ping round trip, per batch) and gives it back after
 :data:`IDLE_RELEASE_SECONDS` without writes, or at once after any failure, so a retry
 always runs on a connection checked out (and pinged) afresh.
+
+It also remembers the candidate sets it committed and does not send them again
+(``repository.StoredSets``: inline candidates repeat from request to request, ~40 KB of
+JSON for 500 candidates); a set deleted since makes the foreign key refuse the batch,
+which is then retried with every set. A batch of decisions only is committed in the same
+round trip as its rows on PostgreSQL (``repository._append_postgresql``).
 """
 
 from __future__ import annotations
