@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -10,6 +11,7 @@ from typing import Any, cast
 import orjson
 from sqlalchemy import (
     JSON,
+    Connection,
     CursorResult,
     Table,
     Text,
@@ -114,15 +116,27 @@ def decision_for_reward(session: Session, event_id: str) -> dict[str, Any] | Non
     return dict(row._mapping) if row is not None else None
 
 
-def insert_decisions(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+def insert_decisions(
+    session: Session,
+    rows: Sequence[dict[str, Any]],
+    *,
+    stored_sets: StoredSets | None = None,
+    ends_transaction: bool = False,
+) -> list[str]:
     """Append decisions given in their written shape (``candidates`` a list, slots with
     ``pmf``), storing each distinct candidate set once and distributions compactly (the
     engine's ``pmf``, a ``domain.Distribution``, already positional: store/compact.py).
+    Returns the keys of the rows' candidate sets.
 
     On PostgreSQL this takes the log-append lock first (:func:`serialize_log_appends`), so
-    every appender's positions commit in order, not only the writer's."""
+    every appender's positions commit in order, not only the writer's.
+
+    ``stored_sets``: keys of sets known to be committed in this store already; those are
+    not sent again (see :class:`StoredSets` for why that is safe). ``ends_transaction``:
+    the caller writes nothing more in this transaction, so on PostgreSQL the COMMIT goes
+    in the same round trip as the rows (the caller's own commit then has nothing to do)."""
     if not rows:
-        return
+        return []
     sets: dict[str, str] = {}
     stored: list[dict[str, Any]] = []
     for row in rows:
@@ -140,15 +154,85 @@ def insert_decisions(session: Session, rows: Sequence[dict[str, Any]]) -> None:
         for out in stored:
             del out["context_line"]
     dialect = session.get_bind().dialect.name
-    candidate_sets = sorted(sets.items())
-    if dialect in _INSERT_SETS_SQL and _append_decisions(session, dialect, candidate_sets, stored):
-        return
-    serialize_log_appends(session)
-    session.execute(
-        _INSERT_CANDIDATE_SETS[dialect],
-        [{"key": key, "candidates": text} for key, text in candidate_sets],
+    candidate_sets = sorted(
+        item for item in sets.items() if stored_sets is None or item[0] not in stored_sets
     )
+    if dialect in _INSERT_SETS_SQL and _append_decisions(
+        session, dialect, candidate_sets, stored, ends_transaction
+    ):
+        return list(sets)
+    serialize_log_appends(session)
+    if candidate_sets:
+        session.execute(
+            _INSERT_CANDIDATE_SETS[dialect],
+            [{"key": key, "candidates": text} for key, text in candidate_sets],
+        )
     session.execute(_INSERT_DECISIONS, stored)
+    return list(sets)
+
+
+class StoredSets:
+    """Keys of candidate sets known to be committed in one store (a bounded memo, one per
+    batch writer), so that a batch does not send them again.
+
+    Inline candidate sets repeat from request to request (a product page sends the same
+    candidates each time), and each batch used to send every set's JSON text again with
+    ``ON CONFLICT DO NOTHING``: ~40 KB for 500 candidates, parsed and looked up by the
+    server per batch. A key goes in only after a commit that stored a decision over that
+    set, so the set was committed then.
+
+    It can be deleted since: orphaned sets are dropped by erasure and retention
+    (``store/privacy.drop_orphaned_sets``), possibly in another process. Both stores
+    enforce the ``decisions -> candidate_sets`` foreign key (PostgreSQL's
+    ``fk_decisions_candidate_set``; SQLite with ``PRAGMA foreign_keys=ON``,
+    store/database.py), so a decision over a deleted set fails to insert, whichever of the
+    delete and the insert comes first (PostgreSQL's check waits for a concurrent delete to
+    commit or roll back), and nothing dangling is ever stored; the writer then forgets
+    every key and retries the batch with its sets (:func:`missing_candidate_set`)."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self._keys: dict[str, None] = {}  # oldest first
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, keys: Iterable[str]) -> None:
+        known = self._keys
+        for key in keys:
+            known.pop(key, None)  # the most recently used go last
+            known[key] = None
+        while len(known) > self.limit:
+            del known[next(iter(known))]
+
+    def forget(self) -> None:
+        self._keys.clear()
+
+
+def missing_candidate_set(error: BaseException) -> bool:
+    """Whether ``error`` is a decision refused by its foreign key to ``candidate_sets``:
+    a set :class:`StoredSets` took for stored was deleted since. (SQLite's message does
+    not name the key; its other foreign key, rewards -> decisions, is checked before each
+    reward insert, so it fails only under a concurrent deletion, which a retry settles.)"""
+    if not isinstance(error, sa_exc.IntegrityError):
+        return False
+    orig = error.orig
+    if getattr(orig, "sqlstate", None) == "23503":  # psycopg: foreign_key_violation
+        diag = getattr(orig, "diag", None)
+        return getattr(diag, "constraint_name", None) == "fk_decisions_candidate_set"
+    return "FOREIGN KEY constraint failed" in str(orig)
+
+
+def foreign_keys_enforced(connection: Connection) -> bool:
+    """Whether this connection refuses a decision over a missing candidate set: always on
+    PostgreSQL (the constraint is part of the schema); on SQLite only with
+    ``PRAGMA foreign_keys=ON``, which ``make_engine`` sets on every connection."""
+    if connection.dialect.name != "sqlite":
+        return True
+    return bool(connection.exec_driver_sql("PRAGMA foreign_keys").scalar())
 
 
 # Core statements on the tables, built once: the ORM's bulk-insert machinery (given the
@@ -166,7 +250,7 @@ _INSERT_CANDIDATE_SETS = {
 @contextmanager
 def _driver_connection(session: Session) -> Iterator[Any]:
     """The session's DBAPI connection (psycopg or sqlite3, in the session's transaction),
-    for what SQLAlchemy has no statement for (``COPY``) or adds only cost to. A driver
+    for what SQLAlchemy has no way to say (a pipeline) or adds only cost to. A driver
     error comes out as SQLAlchemy's (``IntegrityError``, ``OperationalError`` ...), as from
     ``session.execute``, and a lost connection is invalidated, so callers (the writer's
     retries, its "store unreachable" test) cannot tell the two paths apart."""
@@ -200,20 +284,18 @@ def _append_decisions(
     dialect: str,
     candidate_sets: list[tuple[str, str]],
     stored: list[dict[str, Any]],
+    ends_transaction: bool = False,
 ) -> bool:
     """Append ``stored`` (and their candidate sets) through the driver, on the session's
     own connection and transaction; false, writing nothing, for rows of differing columns
     (the caller then inserts them with SQLAlchemy, as before).
 
     Why: SQLAlchemy's executemany processes every row's parameters in Python (~25-45 µs a
-    row) before the driver sees them. On PostgreSQL the rows go in with ``COPY``: one
-    statement -- one partition-routing set-up in the server instead of one per row --
-    whose rows psycopg's C dumpers encode. Measured on the writer alone, 64-row batches of
-    d50x1 decisions: ~50 instead of ~90-140 µs of client CPU a row and ~45 instead of
-    ~60-90 µs of server CPU. On SQLite, sqlite3's own executemany with one prebuilt
-    statement: ~30 instead of ~37 µs a row. JSON columns are encoded with orjson, as the engine's
-    ``json_serializer`` does (store/database.py), so the stored values are the same; rows
-    go in order, so positions follow the batch as with the ``INSERT``."""
+    row) before the driver sees them. On SQLite, sqlite3's own executemany with one
+    prebuilt statement: ~30 instead of ~37 µs a row; PostgreSQL: :func:`_append_postgresql`.
+    JSON columns are encoded with orjson, as the engine's ``json_serializer`` does
+    (store/database.py), so the stored values are the same; rows go in order, so positions
+    follow the batch as with the ``INSERT``."""
     columns = list(stored[0])
     keys = stored[0].keys()
     if any(out.keys() != keys for out in stored):
@@ -221,33 +303,127 @@ def _append_decisions(
     # A column left out gets SQLAlchemy's Python-side default in its INSERT; the driver
     # would give it the server's (none), so it is sent explicitly.
     extra = [(name, value) for name, value in _DECISION_DEFAULTS.items() if name not in keys]
-    names = ", ".join([*columns, *(name for name, _value in extra)])
-    encoders = [(name, name in _JSON_COLUMNS) for name in columns]
-    tail = [value for _name, value in extra]
+    names = [*columns, *(name for name, _value in extra)]
     dumps = orjson.dumps
-    values = [
-        [dumps(out[name]).decode() if is_json else out[name] for name, is_json in encoders] + tail
-        for out in stored
-    ]
     with _driver_connection(session) as raw:
+        if dialect == "postgresql":
+            arrays = [
+                [dumps(out[name]).decode() for out in stored]
+                if name in _JSON_COLUMNS
+                else _pg_array(name, [out[name] for out in stored])
+                for name in columns
+            ] + [[value] * len(stored) for _name, value in extra]
+            _append_postgresql(raw, candidate_sets, names, arrays, ends_transaction)
+            return True
+        encoders = [(name, name in _JSON_COLUMNS) for name in columns]
+        tail = [value for _name, value in extra]
+        values = [
+            [dumps(out[name]).decode() if is_json else out[name] for name, is_json in encoders]
+            + tail
+            for out in stored
+        ]
         cursor = raw.cursor()
         try:
-            if dialect == "postgresql":
-                # One round trip for BEGIN (if this opens the transaction), the log-append
-                # lock and the candidate sets; then the COPY.
-                with raw.pipeline():
-                    cursor.execute(_LOG_APPEND_LOCK_SQL, (_LOG_APPEND_LOCK,))
-                    cursor.executemany(_INSERT_SETS_SQL[dialect], candidate_sets)
-                with cursor.copy(f"COPY decisions ({names}) FROM STDIN") as copy:
-                    for row in values:
-                        copy.write_row(row)
-            else:
-                cursor.executemany(_INSERT_SETS_SQL[dialect], candidate_sets)
-                marks = ", ".join("?" * (len(columns) + len(extra)))
-                cursor.executemany(f"INSERT INTO decisions ({names}) VALUES ({marks})", values)
+            cursor.executemany(_INSERT_SETS_SQL[dialect], candidate_sets)
+            marks = ", ".join("?" * len(names))
+            cursor.executemany(
+                f"INSERT INTO decisions ({', '.join(names)}) VALUES ({marks})", values
+            )
         finally:
             cursor.close()
     return True
+
+
+def _append_postgresql(
+    raw: Any,
+    candidate_sets: list[tuple[str, str]],
+    names: list[str],
+    arrays: list[list[Any]],
+    ends_transaction: bool,
+) -> None:
+    """PostgreSQL: the candidate sets not known stored, then every row in one statement
+    (``INSERT ... SELECT FROM unnest(arrays)``, one array per column, in binary) that
+    takes the log-append lock itself, and -- when the caller's transaction ends with the
+    rows (``ends_transaction``) -- its commit, all in one pipelined round trip.
+
+    Why, measured with benchmarks/pgwrite_append.py (the writer's ``_commit_once`` on
+    d50x1 and d500x5 rows; CPU µs per decision, client / server): the ``COPY`` this
+    replaces cost five round trips a batch (psycopg's BEGIN, the lock and the sets, the
+    COPY's two, the COMMIT), three of them holding the lock, whose holder's commits the
+    other serving process waits for. At one decision a batch (d50x1) ~690 / ~480 µs
+    became ~390 / ~240 µs and the commit latency ~1.3 ms ~0.7 ms; at 32 a batch ~55 / ~60
+    became ~32 / ~35 µs. Alternatives measured: an ``executemany`` INSERT in the pipeline
+    (as cheap at one a batch, ~20-80% more client CPU from 8 up, and it streams row by
+    row, so the lock was held while the client still encoded rows: with two writers the
+    commits took longer than with COPY); a multi-row VALUES (~2-3x the client CPU: psycopg parses a
+    new query text for every batch size); ``unnest`` with text-format arrays (psycopg
+    quotes every element in Python: ~1 s for 64 rows of 50 KB); the batch as one JSON
+    text into ``json_to_recordset`` (~20-30% less client CPU from 8 a batch, but ~60-70%
+    more server CPU: ~575 instead of ~340 µs a d500x5 decision).
+
+    The lock is taken in the statement itself, not by a statement before it: the server
+    then holds it only once the whole statement has arrived, not while the client is
+    still encoding and sending the rows. ``appending`` is the outer side of the only
+    possible join (a nested loop without a condition); each row's position (the column's
+    ``nextval`` default) is computed in the join's output, so after the lock was taken,
+    as the log-append lock requires (:func:`serialize_log_appends`).
+
+    A transaction not yet begun (the writer's batch of fresh decisions) gets its BEGIN in
+    the pipeline too: psycopg's own, sent when a pipeline's first statement opens the
+    transaction, costs a round trip of its own, so the connection is put in autocommit
+    mode (psycopg then sends none) for the pipeline's explicit BEGIN ... COMMIT. If
+    anything fails (in the server, or in the client before all was sent) that transaction
+    is rolled back here, before autocommit is turned off again."""
+    begin_here = ends_transaction and raw.pgconn.transaction_status == _IDLE
+    cursor = raw.cursor()
+    if begin_here:
+        raw.autocommit = True
+    try:
+        with raw.pipeline():
+            if begin_here:
+                cursor.execute("BEGIN")
+            if candidate_sets:
+                cursor.executemany(_INSERT_SETS_SQL["postgresql"], candidate_sets)
+            cursor.execute(_append_sql(tuple(names)), [_LOG_APPEND_LOCK, *arrays])
+            if ends_transaction:
+                cursor.execute("COMMIT")
+    finally:
+        cursor.close()
+        if begin_here and not raw.broken:  # a broken connection is discarded anyway
+            if raw.pgconn.transaction_status != _IDLE:
+                raw.rollback()
+            raw.autocommit = False
+
+
+_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE (psycopg is imported by SQLAlchemy only)
+
+# The SQL element type of each non-JSON decision column's array (JSON columns go as text
+# and are cast to jsonb per element, as COPY's text input would be parsed).
+_PG_ARRAY_TYPES = {
+    "model_version": "int4", "created_at": "float8", "activated_at": "float8",
+    "deferred": "bool",
+}  # fmt: skip
+_PG_ELEMENT = {"int4": int, "float8": float, "bool": bool}
+
+
+def _pg_array(name: str, values: list[Any]) -> list[Any]:
+    """One column's values, each of the Python type its array is dumped as: psycopg
+    picks an array's binary type from its elements, and an integer ``created_at`` (COPY
+    would have parsed its text as a float) must not make an integer array."""
+    convert = _PG_ELEMENT.get(_PG_ARRAY_TYPES.get(name, "text"), str)
+    return [v if v is None or type(v) is convert else convert(v) for v in values]
+
+
+@functools.cache
+def _append_sql(names: tuple[str, ...]) -> str:
+    columns = ", ".join(names)
+    arrays = ", ".join(f"%b::{_PG_ARRAY_TYPES.get(name, 'text')}[]" for name in names)
+    select_list = ", ".join(f"{name}::jsonb" if name in _JSON_COLUMNS else name for name in names)
+    return (
+        "WITH appending AS (SELECT pg_advisory_xact_lock(%b)) "
+        f"INSERT INTO decisions ({columns}) SELECT {select_list} "
+        f"FROM appending, unnest({arrays}) AS t({columns})"
+    )
 
 
 def insert_rewards(session: Session, rows: Sequence[dict[str, Any]]) -> set[str]:
@@ -348,7 +524,8 @@ def serialize_log_appends(session: Session) -> None:
     see the earlier one. Holding one transaction-scoped advisory lock while appending makes
     commit order equal position order. SQLite already allows one writer at a time.
 
-    :func:`insert_decisions` takes it (in one round trip with the candidate sets), so it is
+    :func:`insert_decisions` takes it (in its append statement, :func:`_append_postgresql`,
+    in one round trip with the commit when the caller's transaction ends there), so it is
     held only from the append to the commit. A writer's batch takes its event-id locks
     (:func:`lock_event_ids`) before, never after, so the two kinds cannot deadlock.
     """
@@ -357,7 +534,6 @@ def serialize_log_appends(session: Session) -> None:
 
 
 _LOG_APPEND_LOCK = 0x62616E646974  # "bandit"
-_LOG_APPEND_LOCK_SQL = "SELECT pg_advisory_xact_lock(%s)"
 
 
 def rewards_for(session: Session, event_id: str) -> list[dict[str, Any]]:

@@ -23,6 +23,12 @@ The thread keeps one store connection while writes keep coming (no pool check-ou
 on PostgreSQL no pre-ping round trip, per batch) and gives it back after
 :data:`IDLE_RELEASE_SECONDS` without writes, or at once after any failure, so a retry
 always runs on a connection checked out (and pinged) afresh.
+
+It also remembers the candidate sets it committed and does not send them again
+(``repository.StoredSets``: inline candidates repeat from request to request, ~40 KB of
+JSON for 500 candidates); a set deleted since makes the foreign key refuse the batch,
+which is then retried with every set. A batch of decisions only is committed in the same
+round trip as its rows on PostgreSQL (``repository._append_postgresql``).
 """
 
 from __future__ import annotations
@@ -93,6 +99,10 @@ class BatchWriter:
         self._batches: queue.SimpleQueue[list[_Write] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._connection: Connection | None = None  # the writer thread's only
+        # Candidate sets this writer committed (decisions over them need not send them
+        # again); None while the connection would not refuse a dangling reference.
+        self._known_sets = repository.StoredSets()
+        self._sets_memo: repository.StoredSets | None = None
         # SQLite: the serving processes' writers take turns (store/write_turns.py).
         self._turns = write_turns(engine)
         self._closing = False
@@ -213,7 +223,13 @@ class BatchWriter:
     def _connect(self) -> Connection:
         if self._connection is None or self._connection.closed or self._connection.invalidated:
             self._release_connection()
-            self._connection = self._engine.connect()
+            self._connection = connection = self._engine.connect()
+            # The memo of stored sets is only safe where the store refuses a decision
+            # over a deleted set (repository.StoredSets); one cheap check per check-out.
+            self._sets_memo = None
+            with connection.begin():
+                if repository.foreign_keys_enforced(connection):
+                    self._sets_memo = self._known_sets
         return self._connection
 
     def _release_connection(self) -> None:
@@ -231,14 +247,25 @@ class BatchWriter:
         try:
             return self._commit_once(batch)
         except Exception as exc:
-            # The failed commit may have happened after all (a connection lost while
-            # committing): every retry looks its event id up again, so a decision that is
-            # in the store is answered as stored, not refused as a duplicate.
-            for write in batch:
-                write.fresh = False
-            if store_unreachable(exc):
-                return self._commit_when_reachable(batch, exc)
-            log.warning("batch of %d failed; retrying each write alone", len(batch), exc_info=True)
+            error = exc
+        if repository.missing_candidate_set(error):
+            # A candidate set this writer took for stored was deleted since (orphan
+            # clean-up, maybe in another process): the foreign key refused the batch, and
+            # nothing of it was committed. The memo is forgotten (_commit_once), so the
+            # batch is retried whole with every set included.
+            log.info("a known candidate set was deleted; retrying the batch with its sets")
+            try:
+                return self._commit_once(batch)
+            except Exception as exc:
+                error = exc
+        # The failed commit may have happened after all (a connection lost while
+        # committing): every retry looks its event id up again, so a decision that is
+        # in the store is answered as stored, not refused as a duplicate.
+        for write in batch:
+            write.fresh = False
+        if store_unreachable(error):
+            return self._commit_when_reachable(batch, error)
+        log.warning("batch of %d failed; retrying each write alone", len(batch), exc_info=error)
         return [self._commit_alone(write) for write in batch]
 
     def _commit_when_reachable(self, batch: list[_Write], error: Exception) -> list[Any]:
@@ -266,11 +293,15 @@ class BatchWriter:
         try:
             # (Positions commit in log order: insert_decisions takes the log-append lock.)
             with turn, Session(self._connect()) as session, session.begin():
-                outcomes = _apply(session, batch, self._late_margin)
+                outcomes, set_keys = _apply(session, batch, self._late_margin, self._sets_memo)
         except BaseException:
-            # The next attempt (a retry, or the next batch) checks a connection out afresh.
+            # The next attempt (a retry, or the next batch) checks a connection out afresh,
+            # and sends every candidate set: a failure may come from a deleted one.
             self._release_connection()
+            self._known_sets.forget()
             raise
+        # Committed: the decisions' candidate sets are in the store.
+        self._known_sets.add(set_keys)
         metrics.WRITER_COMMIT_SECONDS.observe(time.perf_counter() - start)
         metrics.WRITER_BATCH_ROWS.observe(len(batch))
         self.batches_committed += 1
@@ -313,8 +344,14 @@ def store_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError)
 
 
-def _apply(session: Session, batch: list[_Write], late_margin: float) -> list[Any]:
-    """Write one batch inside the caller's transaction; return one outcome per write."""
+def _apply(
+    session: Session,
+    batch: list[_Write],
+    late_margin: float,
+    stored_sets: repository.StoredSets | None = None,
+) -> tuple[list[Any], list[str]]:
+    """Write one batch inside the caller's transaction; return one outcome per write and
+    the keys of the decisions' candidate sets (``stored_sets``: those known stored)."""
     # Fresh ids (random UUIDs the service just made) are neither locked nor looked up, on
     # SQLite (its unique key refuses a copy) nor on PostgreSQL (no unique key there: only
     # a UUID collision could repeat one, ~2^-122 a pair). The one way this process could
@@ -348,8 +385,14 @@ def _apply(session: Session, batch: list[_Write], late_margin: float) -> list[An
             outcomes.append(None)  # known once inserted
         else:
             outcomes.append(None)
-    # Decisions first: rewards and activations in the same batch may refer to them.
-    repository.insert_decisions(session, new_decisions)
+    # Decisions first: rewards and activations in the same batch may refer to them. A
+    # batch of decisions only (the usual one) ends with them: on PostgreSQL the COMMIT
+    # then goes in the same round trip as the rows, the log-append lock held for no
+    # client round trip at all.
+    only_decisions = all(write.kind == "decision" for write in batch)
+    set_keys = repository.insert_decisions(
+        session, new_decisions, stored_sets=stored_sets, ends_transaction=only_decisions
+    )
     inserted = repository.insert_rewards(session, rewards)
     # A reward_id that was not inserted is stored already (an earlier request, a concurrent
     # one from another process, or an earlier write of this batch): answer with that one.
@@ -371,4 +414,4 @@ def _apply(session: Session, batch: list[_Write], late_margin: float) -> list[An
     for write in batch:
         if write.kind == "activate":
             repository.activate(session, write.payload["event_id"], write.payload["at"])
-    return outcomes
+    return outcomes, set_keys
