@@ -128,8 +128,9 @@ def insert_decisions(
     engine's ``pmf``, a ``domain.Distribution``, already positional: store/compact.py).
     Returns the keys of the rows' candidate sets.
 
-    On PostgreSQL this takes the log-append lock first (:func:`serialize_log_appends`), so
-    every appender's positions commit in order, not only the writer's.
+    On PostgreSQL this takes the log-append lock (:func:`serialize_log_appends`) after
+    inserting the candidate sets and before the decisions, so every appender's positions
+    commit in order, not only the writer's; every path takes the two in that order.
 
     ``stored_sets``: keys of sets known to be committed in this store already; those are
     not sent again (see :class:`StoredSets` for why that is safe). ``ends_transaction``:
@@ -161,12 +162,15 @@ def insert_decisions(
         session, dialect, candidate_sets, stored, ends_transaction
     ):
         return list(sets)
-    serialize_log_appends(session)
+    # The same order as _append_postgresql: the sets, then the log-append lock. Two
+    # appenders taking them in opposite orders deadlock when both insert the same new set
+    # (one holds its uncommitted set row and waits for the lock, the other the reverse).
     if candidate_sets:
         session.execute(
             _INSERT_CANDIDATE_SETS[dialect],
             [{"key": key, "candidates": text} for key, text in candidate_sets],
         )
+    serialize_log_appends(session)
     session.execute(_INSERT_DECISIONS, stored)
     return list(sets)
 
