@@ -404,8 +404,10 @@ class DecisionService:
             )
 
     def _find_for_reward(self, event_id: str) -> dict[str, Any] | None:
-        with Session(self.db) as session:
-            return repository.decision_for_reward(session, event_id)
+        # Through the driver on a plain connection, not a Session: ~31% of the process's
+        # time on the PostgreSQL reward workload was this look-up's SQLAlchemy machinery
+        # (repository.find_decision_for_reward).
+        return repository.find_decision_for_reward(self.db, event_id)
 
     def _check_limits(self, request: DecisionRequest) -> None:
         s = self.settings

@@ -13,6 +13,7 @@ from sqlalchemy import (
     JSON,
     Connection,
     CursorResult,
+    Engine,
     Table,
     Text,
     Update,
@@ -114,6 +115,51 @@ def decision_for_reward(session: Session, event_id: str) -> dict[str, Any] | Non
     context, whose decoding was most of a reward's cost (they are the bulk of a row)."""
     row = session.execute(_REWARD_LOOKUP, {"event_id": event_id}).one_or_none()
     return dict(row._mapping) if row is not None else None
+
+
+_REWARD_LOOKUP_SQL = {
+    dialect: f"SELECT {', '.join(REWARD_LOOKUP_COLUMNS)} FROM decisions WHERE event_id = {mark}"
+    for dialect, mark in (("postgresql", "%s"), ("sqlite", "?"))
+}
+_REWARD_LOOKUP_SQL["postgresql"] = _REWARD_LOOKUP_SQL["postgresql"].replace(
+    "slots,", "slots::text,"
+)
+
+
+def find_decision_for_reward(engine: Engine, event_id: str) -> dict[str, Any] | None:
+    """:func:`decision_for_reward` on a connection of its own, through the driver.
+
+    Why: with a ``Session`` and SQLAlchemy's execute, this look-up was ~31% of the
+    process's time on the PostgreSQL reward workload (py-spy, benchmarks/profile_service.py):
+    the session, the ORM's statement compilation and result processing cost several times
+    the query. On PostgreSQL the one ``SELECT`` also runs in autocommit mode (as
+    SQLAlchemy's own pre-ping does): psycopg's ``BEGIN`` and the pool's ``ROLLBACK`` on
+    return were two more round trips for a single read, which sees one snapshot either
+    way. The values are decoded as the engine would: ``slots`` with orjson (the engine's
+    ``json_deserializer``), ``deferred`` as a bool (SQLite stores 0/1)."""
+    dialect = engine.dialect.name
+    if dialect not in _REWARD_LOOKUP_SQL:
+        with Session(engine) as session:
+            return decision_for_reward(session, event_id)
+    with engine.connect() as connection, _driver_connection(connection) as raw:
+        autocommit = dialect == "postgresql" and raw.pgconn.transaction_status == _IDLE
+        if autocommit:
+            raw.autocommit = True
+        cursor = raw.cursor()
+        try:
+            cursor.execute(_REWARD_LOOKUP_SQL[dialect], (event_id,))
+            found = cursor.fetchone()
+        finally:
+            cursor.close()
+            if autocommit and not raw.closed:
+                raw.autocommit = False
+    if found is None:
+        return None
+    row = dict(zip(REWARD_LOOKUP_COLUMNS, found, strict=True))
+    row["slots"] = orjson.loads(row["slots"])
+    if row["deferred"] is not None:
+        row["deferred"] = bool(row["deferred"])
+    return row
 
 
 def insert_decisions(
@@ -252,13 +298,13 @@ _INSERT_CANDIDATE_SETS = {
 
 
 @contextmanager
-def _driver_connection(session: Session) -> Iterator[Any]:
+def _driver_connection(session: Session | Connection) -> Iterator[Any]:
     """The session's DBAPI connection (psycopg or sqlite3, in the session's transaction),
     for what SQLAlchemy has no way to say (a pipeline) or adds only cost to. A driver
     error comes out as SQLAlchemy's (``IntegrityError``, ``OperationalError`` ...), as from
     ``session.execute``, and a lost connection is invalidated, so callers (the writer's
     retries, its "store unreachable" test) cannot tell the two paths apart."""
-    connection = session.connection()
+    connection = session.connection() if isinstance(session, Session) else session
     dialect = connection.dialect
     raw = connection.connection.driver_connection
     try:
@@ -439,17 +485,17 @@ def insert_rewards(session: Session, rows: Sequence[dict[str, Any]]) -> set[str]
     copied onto the reward. On PostgreSQL, where the partitioned tables have no foreign key
     (store/partitions.py), the decisions are read ``FOR KEY SHARE`` -- what a foreign key
     does -- so a concurrent delete-user or retention either waits for this transaction and
-    then removes these rewards too, or commits first and this look-up misses."""
+    then removes these rewards too, or commits first and this look-up misses.
+
+    Rows with exactly the writer's columns go through the driver (:func:`_append_rewards`);
+    any other shape through SQLAlchemy, as before."""
     if not rows:
         return set()
     dialect = session.get_bind().dialect.name
+    if dialect in _REWARD_INSERT_SQL and all(row.keys() == _REWARD_ROW_KEYS for row in rows):
+        return _append_rewards(session, dialect, rows)
     decisions = _decisions_of(session, {row["event_id"] for row in rows}, dialect)
-    full = []
-    for row in rows:
-        found = decisions.get(row["event_id"])
-        if found is None:
-            raise NotFound(f"no decision with event id {row['event_id']!r}", "event_id")
-        full.append({**row, "policy": found[0], "decision_created_at": found[1]})
+    full = _with_decisions(rows, decisions)
     statement = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(RewardRow)
     # PostgreSQL: a unique index of a partitioned table includes the partition key.
     unique = ["reward_id", "policy", "decision_created_at"] if dialect == "postgresql" else None
@@ -460,6 +506,20 @@ def insert_rewards(session: Session, rows: Sequence[dict[str, Any]]) -> set[str]
         full,
     )
     return {row[0] for row in inserted if row[0] is not None}
+
+
+def _with_decisions(
+    rows: Sequence[dict[str, Any]], decisions: dict[str, tuple[str, float]]
+) -> list[dict[str, Any]]:
+    """The rows with their decisions' policy and time; :class:`NotFound` for the first
+    row whose decision is not stored."""
+    full = []
+    for row in rows:
+        found = decisions.get(row["event_id"])
+        if found is None:
+            raise NotFound(f"no decision with event id {row['event_id']!r}", "event_id")
+        full.append({**row, "policy": found[0], "decision_created_at": found[1]})
+    return full
 
 
 def _decisions_of(
@@ -476,6 +536,84 @@ def _decisions_of(
             query = query.with_for_update(key_share=True)
         found.update((e, (p, c)) for e, p, c in session.execute(query))
     return found
+
+
+# The columns of a reward as the writer gives it, then the two copied from its decision.
+_REWARD_ROW_COLUMNS = ("event_id", "slot", "value", "received_at", "late", "kind", "reward_id")
+_REWARD_ROW_KEYS = frozenset(_REWARD_ROW_COLUMNS)
+_REWARD_COLUMNS = (*_REWARD_ROW_COLUMNS, "policy", "decision_created_at")
+_REWARD_PG_TYPES = (
+    "text", "int4", "float8", "float8", "bool", "text", "text", "text", "float8",
+)  # fmt: skip
+_REWARD_INSERT_SQL = {
+    # One statement for the batch, rows in order (their ids follow it, as with the
+    # INSERT it replaces); binary arrays, as for decisions (_append_sql).
+    "postgresql": f"INSERT INTO rewards ({', '.join(_REWARD_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(f"%b::{t}[]" for t in _REWARD_PG_TYPES)
+    + ") ON CONFLICT (reward_id, policy, decision_created_at) DO NOTHING RETURNING reward_id",
+    "sqlite": f"INSERT INTO rewards ({', '.join(_REWARD_COLUMNS)}) VALUES "
+    f"({', '.join('?' * len(_REWARD_COLUMNS))}) "
+    "ON CONFLICT (reward_id) DO NOTHING RETURNING reward_id",
+}
+_DECISIONS_OF_SQL = {
+    "postgresql": "SELECT event_id, policy, created_at FROM decisions "
+    "WHERE event_id = ANY(%s) FOR KEY SHARE",
+    "sqlite": "SELECT event_id, policy, created_at FROM decisions WHERE event_id IN ({})",
+}
+
+
+def _append_rewards(session: Session, dialect: str, rows: Sequence[dict[str, Any]]) -> set[str]:
+    """:func:`insert_rewards` through the driver, on the session's connection and
+    transaction: the decisions' look-up (``FOR KEY SHARE`` on PostgreSQL, in the same
+    sorted chunks of 500) and one insert of the batch.
+
+    Why: SQLAlchemy's ORM bulk insert (``_BulkORMInsert``, its per-row parameter
+    processing, psycopg's query conversion) and the look-up's statement compilation were
+    ~17% and most of the rest of a reward's writer time (py-spy on the PostgreSQL reward
+    workload). Stored rows are the same: the same columns and values (the floats and
+    integers dumped as the column's type, as PostgreSQL would cast them), rows in order."""
+    wanted = sorted({row["event_id"] for row in rows})
+    found: dict[str, tuple[str, float]] = {}
+    with _driver_connection(session) as raw:
+        cursor = raw.cursor()
+        try:
+            for start in range(0, len(wanted), 500):  # bounded IN lists
+                chunk = wanted[start : start + 500]
+                if dialect == "postgresql":
+                    cursor.execute(_DECISIONS_OF_SQL[dialect], (chunk,))
+                else:
+                    marks = ", ".join("?" * len(chunk))
+                    cursor.execute(_DECISIONS_OF_SQL[dialect].format(marks), chunk)
+                found.update((e, (p, c)) for e, p, c in cursor.fetchall())
+            full = _with_decisions(rows, found)
+            if dialect == "postgresql":
+                arrays = [
+                    _pg_typed(kind, [row[name] for row in full])
+                    for name, kind in zip(_REWARD_COLUMNS, _REWARD_PG_TYPES, strict=True)
+                ]
+                cursor.execute(_REWARD_INSERT_SQL[dialect], arrays)
+                inserted = {r[0] for r in cursor.fetchall()}
+            else:
+                # One row a statement (sqlite3's executemany returns no rows); the
+                # statement is prepared once by sqlite3's cache. Within one transaction a
+                # later copy of a reward_id is skipped, as in one multi-row INSERT.
+                inserted = set()
+                sql = _REWARD_INSERT_SQL[dialect]
+                for row in full:
+                    cursor.execute(sql, [row[name] for name in _REWARD_COLUMNS])
+                    inserted.update(r[0] for r in cursor.fetchall())
+        finally:
+            cursor.close()
+    inserted.discard(None)
+    return inserted
+
+
+def _pg_typed(kind: str, values: list[Any]) -> list[Any]:
+    """One column's values, each of the Python type its array is dumped as (psycopg picks
+    a list's binary type from its elements: an integer ``value`` must not make an integer
+    array, nor one float make the rest mismatched)."""
+    convert = _PG_ELEMENT.get(kind, str)
+    return [v if v is None or type(v) is convert else convert(v) for v in values]
 
 
 def lock_event_ids(session: Session, event_ids: Iterable[str]) -> None:
