@@ -151,8 +151,14 @@ def find_decision_for_reward(engine: Engine, event_id: str) -> dict[str, Any] | 
             found = cursor.fetchone()
         finally:
             cursor.close()
-            if autocommit and not raw.closed:
-                raw.autocommit = False
+            if autocommit:
+                # Back to the pool as it came. Only an idle connection can leave autocommit
+                # mode (psycopg refuses otherwise, which would hide the error being raised);
+                # one that is not idle after a lone SELECT is broken, and is discarded.
+                if raw.pgconn.transaction_status == _IDLE:
+                    raw.autocommit = False
+                elif not connection.invalidated:
+                    connection.invalidate()
     if found is None:
         return None
     row = dict(zip(REWARD_LOOKUP_COLUMNS, found, strict=True))
