@@ -573,11 +573,15 @@ def _append_rewards(session: Session, dialect: str, rows: Sequence[dict[str, Any
     transaction: the decisions' look-up (``FOR KEY SHARE`` on PostgreSQL, in the same
     sorted chunks of 500) and one insert of the batch.
 
-    Why: SQLAlchemy's ORM bulk insert (``_BulkORMInsert``, its per-row parameter
-    processing, psycopg's query conversion) and the look-up's statement compilation were
-    ~17% and most of the rest of a reward's writer time (py-spy on the PostgreSQL reward
-    workload). Stored rows are the same: the same columns and values (the floats and
-    integers dumped as the column's type, as PostgreSQL would cast them), rows in order."""
+    Why: the ORM bulk insert (``_BulkORMInsert``, its per-row parameter processing,
+    psycopg's query conversion) was ~17% of the serving process's time on the PostgreSQL
+    reward workload (py-spy), more than the statements cost the driver. With
+    :func:`find_decision_for_reward`, CPU per reward (benchmarks/http_load.py, reward
+    workload, app + server, µs): PostgreSQL at 64 in flight ~840 + ~390 became ~440-470 +
+    ~180-190 (at 16: ~1250 + ~465 became ~750-880 + ~335-360); SQLite ~590 became ~415
+    (at 16: ~1120, ~700). Stored rows are the same (benchmarks/reward_rows_compare.py): the
+    same columns and values (floats and integers dumped as the column's type, as
+    PostgreSQL would cast them), rows in order."""
     wanted = sorted({row["event_id"] for row in rows})
     found: dict[str, tuple[str, float]] = {}
     with _driver_connection(session) as raw:
