@@ -120,6 +120,11 @@ class VWLearner:
         parsed now. Caller holds the lock."""
         batch = self._ws._parse(shared)
         batch.extend(actions)
+        return self._predict_multi(batch)
+
+    def _predict_multi(self, batch: list[Any]) -> list[float]:
+        """Predict ``batch`` (shared example first), finish it, return the action scores.
+        Caller holds the lock."""
         try:
             _pylibvw.vw.predict_multi(self._ws, batch)
             scores = batch[0].get_action_scores()  # a new list already (pybind11)
@@ -143,15 +148,8 @@ class VWLearner:
             return self._predict_reusing(shared, batch[1:])
         batch[0] = parsed[0]
         try:
-            _pylibvw.vw.predict_multi(self._ws, batch)
-            scores = batch[0].get_action_scores()
-            return scores if type(scores) is list else list(scores)
-        except BaseException:
-            if self.action_examples is not None:
-                self.action_examples.clear()  # see _learn_reusing
-            raise
+            return self._predict_multi(batch)
         finally:
-            _pylibvw.vw._finish_example_multi_ex(self._ws, batch)
             batch[0] = None
 
     def action_scores(self, lines: list[str]) -> list[float]:
