@@ -10,6 +10,11 @@ CPU time (every thread: event loop, engine, group-commit writer) per decision, w
 or PostgreSQL (``--pg-url``, a throwaway schema is *not* made: give an empty database).
 HTTP parsing and the socket (uvicorn's share, which the floor pays too) are left out.
 
+With ``--pg-url`` the CPU of the PostgreSQL backends connected to that database while the
+measured requests run is reported too (``pg_stat_activity``, ``/proc/<pid>/schedstat``;
+the WAL writer, checkpointer and other shared processes are not counted), and the
+database's log is emptied before each round.
+
 ``--compare-src DIR`` runs the ``bandit_service`` package found in DIR (e.g. a
 ``git worktree`` of an older commit) in alternate rounds, each round a fresh subprocess,
 so both see the same machine load; the medians are printed side by side.
@@ -92,24 +97,73 @@ async def _drive(
     return statuses
 
 
+def _backend_cpu_ns(engine: Any) -> dict[int, int]:
+    """CPU nanoseconds so far of each other PostgreSQL backend connected to the database."""
+    from sqlalchemy import text
+
+    with engine.connect() as connection:
+        pids = connection.execute(
+            text(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid()"
+            )
+        ).scalars()
+        found = {}
+        for pid in pids:
+            try:
+                found[pid] = int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+            except OSError:
+                continue
+    return found
+
+
 async def _measure(url: str, policies: Path, args: argparse.Namespace) -> dict[str, float]:
     from bandit_service.app import create_app
     from bandit_service.config import Settings
-    from bandit_service.store.database import upgrade
+    from bandit_service.store.database import make_engine, upgrade
 
     upgrade(url)
     settings = Settings(database_url=url, policies_dir=policies, trainer="off")
     app = create_app(settings)
     bodies = _bodies(args.workload, 32)
+    probe = make_engine(url) if args.pg_url else None
+    before: dict[int, int] = {}
+    after: dict[int, int] = {}
     async with app.router.lifespan_context(app):
         await _drive(app, bodies, args.warmup, args.concurrency)
+        if probe is not None:
+            before = _backend_cpu_ns(probe)
         cpu, wall = time.process_time(), time.perf_counter()
         statuses = await _drive(app, bodies, args.requests, args.concurrency)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        if probe is not None:
+            after = _backend_cpu_ns(probe)
+    if probe is not None:
+        probe.dispose()
     bad = [s for s in statuses if s != 200]
     if bad:
         raise SystemExit(f"{len(bad)} non-200 answers, e.g. {bad[0]}")
-    return {"cpu_us": cpu / len(statuses) * 1e6, "rate": len(statuses) / wall}
+    n = len(statuses)
+    figures = {"cpu_us": cpu / n * 1e6, "rate": n / wall}
+    if probe is not None:
+        server_ns = sum(ns - before.get(pid, 0) for pid, ns in after.items())
+        figures["server_us"] = server_ns / n / 1e3
+    return figures
+
+
+def _empty_log(url: str) -> None:
+    """A fresh log for the next round (the database is a throwaway one, see --pg-url)."""
+    from sqlalchemy import text
+
+    from bandit_service.store.database import make_engine, upgrade
+
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("TRUNCATE decisions, rewards, candidate_sets"))
+    finally:
+        engine.dispose()
 
 
 def _one_round(args: argparse.Namespace) -> dict[str, float]:
@@ -141,6 +195,8 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     for round_number in range(args.rounds):
         for name, source in variants.items():
+            if args.pg_url:
+                _empty_log(args.pg_url)
             env = dict(os.environ)
             if source is not None:
                 env["PYTHONPATH"] = str(source)
@@ -150,14 +206,20 @@ def main() -> None:
                 raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
             figures = json.loads(out.stdout.strip().splitlines()[-1])
             results[name].append(figures)
-            print(f"round {round_number + 1} {name:8s} {figures['cpu_us']:8.0f} µs CPU/decision "
-                  f"{figures['rate']:7.0f}/s", flush=True)  # fmt: skip
+            server = f", PostgreSQL {figures['server_us']:6.0f} µs" if args.pg_url else ""
+            print(f"round {round_number + 1} {name:8s} {figures['cpu_us']:8.0f} µs CPU/decision"
+                  f"{server} {figures['rate']:7.0f}/s", flush=True)  # fmt: skip
     print(f"\n{args.workload}, {args.concurrency} in flight, {args.requests} requests a round, "
           f"medians of {args.rounds} rounds:")  # fmt: skip
     for name, rows in results.items():
         cpu = statistics.median(r["cpu_us"] for r in rows)
         rate = statistics.median(r["rate"] for r in rows)
-        print(f"  {name:8s} {cpu:8.0f} µs CPU/decision  {rate:7.0f} decisions/s (one process)")
+        server = ""
+        if args.pg_url:
+            median_server = statistics.median(r["server_us"] for r in rows)
+            server = f" + {median_server:6.0f} µs in PostgreSQL backends"
+        print(f"  {name:8s} {cpu:8.0f} µs CPU/decision{server}  {rate:7.0f} decisions/s "
+              "(one process)")  # fmt: skip
     if args.compare_src:
         ratios = [
             c["cpu_us"] / b["cpu_us"]
