@@ -43,7 +43,9 @@ def summarize(raw: Path, top: int) -> None:
     inclusive: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
     total = 0
-    for line in raw.read_text().splitlines():
+    # split("\n"), not splitlines(): a frame name may hold \x1c or \x85 (native symbols),
+    # which splitlines() also breaks at.
+    for line in raw.read_text(errors="replace").split("\n"):
         if not line.strip():
             continue
         stack, count = line.rsplit(" ", 1)
