@@ -15,6 +15,15 @@ those was most of the trainer's time per event. Now:
   base64: exact, ~11 bytes a probability instead of ~30, one string to decode instead of
   a list of 50-500 lists (which cost the trainer more than VW's parsing), and cheaper to
   encode than JSON numbers. The slot's chosen ``id`` and ``probability`` stay as they are.
+* **Repeated probabilities are stored as runs.** When a slot's probabilities take few
+  distinct values -- an epsilon-greedy slot: epsilon/N for every candidate but the greedy
+  one -- they go in ``p_runs`` instead of ``p``: ``[value, count, value, count, …]``, the
+  values as JSON numbers (the shortest text that reads back as the same double; PostgreSQL's
+  ``jsonb`` keeps a number's digits as written). A 500 x 5 decision's slots were ~27 KB of
+  base64 that PostgreSQL parsed as JSON, compressed and logged to its WAL with every
+  decision, and that the reward look-up read and parsed again; as runs they are ~0.4 KB.
+  Exact: runs group equal doubles, and a run is only made of finite values, with zeros
+  only when none is ``-0.0`` (the one other pair of distinct doubles that compare equal).
 
 Readers outside the trainer get the classic shape back (:func:`expand_slots`): the log's
 meaning is unchanged, only its storage. A slot whose distribution names an id missing from
@@ -35,11 +44,12 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import math
 import operator
 import struct
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
-from itertools import chain
+from itertools import chain, groupby, repeat
 from typing import Any
 
 import orjson
@@ -156,8 +166,51 @@ def unpack_probabilities(text: str) -> list[float]:
     return list(struct.unpack(f"<{len(data) // 8}d", data))
 
 
+def probability_runs(values: Sequence[float]) -> list[float] | None:
+    """``values`` as ``[value, count, …]`` runs of equal doubles, or None when that is not
+    at least four times shorter than the values, or would not be exact (see the module
+    docstring).
+
+    A distribution of distinct values (softmax, say) is turned down in ~2 µs for 500 of
+    them: neither its first nor its last value repeats (two ``count`` calls, in C). An
+    epsilon-greedy slot over 500 candidates, three runs, is grouped in ~8 µs, about what
+    packing its 500 doubles costs."""
+    n = len(values)
+    limit = n // 4
+    if limit == 0 or (values.count(values[0]) == 1 and values.count(values[-1]) == 1):
+        return None
+    out: list[float] = []
+    for value, group in groupby(values):
+        if len(out) == 2 * limit:
+            return None
+        if type(value) is not float or not math.isfinite(value):
+            return None  # ints, bools and the like keep the packed form (as doubles)
+        members = list(group)
+        if value == 0.0 and any(math.copysign(1.0, v) < 0.0 for v in members):
+            return None  # -0.0 == 0.0: a run would not give the sign back
+        out += (value, len(members))
+    return out
+
+
+def expand_runs(runs: Sequence[float]) -> list[float]:
+    """The inverse of :func:`probability_runs`."""
+    counts = [int(c) for c in runs[1::2]]
+    return list(chain.from_iterable(map(repeat, runs[::2], counts)))
+
+
+def slot_probabilities(slot: dict[str, Any]) -> list[float]:
+    """A compact slot's probabilities, from ``p_runs`` or ``p``."""
+    found = slot.get("p_runs")
+    if found is None:
+        return unpack_probabilities(slot["p"])
+    runs = list(found)
+    runs[::2] = [float(v) for v in runs[::2]]  # a JSON reader may give 1 for 1.0
+    return expand_runs(runs)
+
+
 def compact_slots(slots: Sequence[dict[str, Any]], ids: Sequence[str]) -> list[dict[str, Any]]:
-    """Slots with ``pmf`` replaced by ``eligible`` runs and probabilities ``p``.
+    """Slots with ``pmf`` replaced by ``eligible`` runs and probabilities ``p`` (or
+    ``p_runs``).
 
     For slots whose ``pmf`` is classic (``[[id, p], …]``): each id is mapped to its position
     in ``ids`` (given as :class:`CandidateIds`, a kept set's ids bring their positions
@@ -221,7 +274,8 @@ def _fits(pmf: Distribution, candidates: Sequence[dict[str, Any]]) -> bool:
 def _compact_slot(
     slot: dict[str, Any], positions: Sequence[int], probabilities: Sequence[float]
 ) -> dict[str, Any]:
-    """``slot`` with ``pmf`` replaced by ``eligible`` (runs of ``positions``) and ``p``.
+    """``slot`` with ``pmf`` replaced by ``eligible`` (runs of ``positions``) and ``p``, or
+    ``p_runs`` when the probabilities repeat (:func:`probability_runs`).
 
     The usual case, one contiguous run, is recognised by a C-speed list comparison
     instead of a Python loop."""
@@ -231,7 +285,11 @@ def _compact_slot(
     contiguous = positions[-1] == first + n - 1 and listed == list(range(first, first + n))
     compact = {k: v for k, v in slot.items() if k != "pmf"}
     compact["eligible"] = [first, first + n] if contiguous else runs(listed)
-    compact["p"] = pack_probabilities(probabilities)
+    repeated = probability_runs(probabilities)
+    if repeated is not None:
+        compact["p_runs"] = repeated
+    else:
+        compact["p"] = pack_probabilities(probabilities)
     return compact
 
 
@@ -250,9 +308,9 @@ def expand_slots(slots: Sequence[dict[str, Any]], ids: Sequence[str]) -> list[di
         if "eligible" not in slot:
             out.append(slot)
             continue
-        classic = {k: v for k, v in slot.items() if k not in ("eligible", "p")}
+        classic = {k: v for k, v in slot.items() if k not in ("eligible", "p", "p_runs")}
         chosen = [ids[i] for i in indices(slot["eligible"])]
-        probabilities = unpack_probabilities(slot["p"])
+        probabilities = slot_probabilities(slot)
         classic["pmf"] = [[cid, p] for cid, p in zip(chosen, probabilities, strict=True)]
         out.append(classic)
     return out
