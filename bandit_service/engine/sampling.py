@@ -8,6 +8,7 @@ it logs is exactly the one the draw used.
 from __future__ import annotations
 
 import hashlib
+import sys
 
 # The C generator under ``random.Random``: ``random.Random(n)`` seeds it through two
 # Python-level calls (``__init__`` and ``seed``, which for an int only passes it on), then
@@ -128,6 +129,11 @@ def is_greedy(probabilities: Sequence[float], index: int) -> bool:
     return probabilities[index] >= max(probabilities)
 
 
+# Builtin ``sum`` of floats adds left to right in plain doubles up to Python 3.11 (3.12
+# compensates the rounding), so ``sum(repeat(x, m), start)`` is then the running sum that
+# ``accumulate`` reaches: :func:`_draw_levels` relies on it, and is not used otherwise.
+_SUM_IS_SEQUENTIAL = sys.version_info < (3, 12)
+
 # Above this, a probability of a normalised list is necessarily its largest (see below).
 _SURE_GREEDY = 0.5 + 1e-6
 
@@ -188,7 +194,7 @@ def normalise_and_draw(
         chosen = draw_normalised(p, u)
         return p, chosen, is_greedy_normalised(p, chosen)
     # Finite positive entries, as the draw below needs.
-    drawn = _draw_levels(low, high, positions, n, u)
+    drawn = _draw_levels(low, high, positions, n, u) if _SUM_IS_SEQUENTIAL else None
     chosen = draw_normalised(p, u) if drawn is None else drawn
     # is_greedy: p[chosen] >= max(p), and max(p) is ``high`` (``high_weight`` is the
     # larger weight and division by a positive total keeps the order, or ties it).
