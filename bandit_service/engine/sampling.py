@@ -170,14 +170,14 @@ def normalise_and_draw(
     builtin ``sum`` from a start (:func:`_draw_levels`), the same additions in the same
     order as ``accumulate``. Measured per slot over 500 candidates (timeit, medians, this
     machine, against the three calls of 6ae22ff): the uniform pmf ~7 µs instead of ~37,
-    one greedy entry ~9 µs instead of ~32. Per 500 x 5 decision that is ~110 µs of the
-    engine's Python (``benchmarks/engine2_ab.py --fake``: 220 -> 110 µs), and the service
-    spends 0.86 x the CPU per decision (``benchmarks/decide_cpu.py --workload d500x5``,
-    2,815 -> 2,456 µs, medians of 4 rounds): more than the arithmetic saved, probably
-    (not measured apart) because the 2,500 distinct floats a decision's lists held until
-    the log write committed are now 5 to 10. Anything else (softmax, zeros, NaN, one
-    candidate) goes the general way, ~0.3 µs later (a sum passed on, three comparisons).
-    ``uniform`` is called once, after normalising, as before.
+    one greedy entry ~9 µs instead of ~32 (``benchmarks/sampling_micro.py``). Per 500 x 5
+    decision the engine's Python spends ~115 µs less (``benchmarks/engine2_ab.py --fake``:
+    217 -> 99 µs; with VW, the part outside VW's predict 413 -> 233 µs), and the service
+    0.81 to 0.95 x the CPU per decision (``benchmarks/decide_cpu.py --workload d500x5``,
+    five runs of 4 or 8 rounds on this shared machine, e.g. 2,828 -> 2,509 µs; d50x1
+    unchanged, 0.93 to 1.01). Anything else (softmax, zeros, NaN, one candidate) goes
+    the general way after three comparisons (softmax-like, -1.5 to +1.9 µs of ~38 in four
+    timeit runs: noise). ``uniform`` is called once, after normalising, as before.
     """
     n = len(weights)
     total = sum(weights)
