@@ -7,8 +7,9 @@ decides ``--requests`` requests with event ids ``e0, e1, ...``, learns every slo
 (a reward drawn from the event id) so that later predictions come from a trained model,
 and hashes: every slot's shown id, probability (``repr``, all 17 digits), explored flag,
 model id and distribution (positions and probabilities), the decision's arm and context
-line, the compact stored form of its slots (``store/compact.compact_row_slots``, the bytes
-the log keeps) and, at the end, the VW model's bytes. ``--compare-src DIR`` runs the
+line, its slots as the log stores and reads them back (``store/compact.compact_row_slots``
+then ``expand_slots``: every logged probability, exactly, whichever encoding a version
+writes) and, at the end, the VW model's bytes. ``--compare-src DIR`` runs the
 ``bandit_service`` found in DIR in a child process and prints both digests side by side.
 Exit status 1 when any scenario differs.
 """
@@ -95,9 +96,14 @@ def _scenario(vw_args: str, shape: tuple[Any, ...], requests: int, kept: bool) -
                  [repr(p) for p in dist.probabilities]]
             )  # fmt: skip
         logged = [{"id": c.id, "features": c.features} for c in pool]
-        stored = compact.compact_row_slots(
-            [{"slot": c.slot, "id": c.id, "pmf": c.distribution} for c in decision.slots],
-            logged,
+        # What the log gives back (compacted, then read): the same for two versions that
+        # log the same numbers, whichever encoding each writes (``p`` or ``p_runs``).
+        stored = compact.expand_slots(
+            compact.compact_row_slots(
+                [{"slot": c.slot, "id": c.id, "pmf": c.distribution} for c in decision.slots],
+                logged,
+            ),
+            [c["id"] for c in logged],
         )
         digest.update(
             json.dumps(
