@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _synthetic import candidates, context
@@ -96,15 +98,15 @@ def _scenario(vw_args: str, shape: tuple[Any, ...], requests: int, kept: bool) -
                  [repr(p) for p in dist.probabilities]]
             )  # fmt: skip
         logged = [{"id": c.id, "features": c.features} for c in pool]
-        # What the log gives back (compacted, then read): the same for two versions that
+        # What the log gives back (compacted, JSON, then read): the same for two versions that
         # log the same numbers, whichever encoding each writes (``p`` or ``p_runs``).
         stored = compact.expand_slots(
-            compact.compact_row_slots(
+            orjson.loads(orjson.dumps(compact.compact_row_slots(
                 [{"slot": c.slot, "id": c.id, "pmf": c.distribution} for c in decision.slots],
                 logged,
-            ),
+            ))),  # as JSON text, as the store keeps it
             [c["id"] for c in logged],
-        )
+        )  # fmt: skip
         digest.update(
             json.dumps(
                 [decision.arm, decision.context_line, decision.model_version, rows, stored]

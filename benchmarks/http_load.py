@@ -195,8 +195,8 @@ def measure(
 
 def median_result(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """One point's rounds as one result: the median of each rate, latency percentile and
-    CPU figure (each taken on its own), failures summed, every round's own figures kept
-    under ``rounds``. A single round is returned as it is.
+    CPU figure (each taken on its own), counts (requests, failures, bytes, time) summed,
+    every round's own figures kept under ``rounds``. A single round is returned as it is.
 
     Why rounds: on this shared 2-core machine one 5-second point can catch a stall (an
     fsync of the virtual disk took 75-133 ms at times while the services ran, against
@@ -210,8 +210,9 @@ def median_result(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         key: statistics.median(r["latency_us"][key] for r in rounds)
         for key in rounds[0]["latency_us"]
     }
-    for key in ("requests", "non_2xx", "failed"):
+    for key in ("requests", "non_2xx", "failed", "duration_us", "bytes"):
         out[key] = sum(r[key] for r in rounds)
+    out["errors"] = {key: sum(r["errors"][key] for r in rounds) for key in rounds[0]["errors"]}
     out["rounds"] = [
         {"rate": r["rate"], **{k: r["latency_us"][k] for k in ("p50", "p99", "p999")}}
         for r in rounds
@@ -335,6 +336,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--json", type=Path, default=Path("runs/http_load.json"))
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
 

@@ -43,9 +43,9 @@ def summarize(raw: Path, top: int) -> None:
     inclusive: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
     total = 0
-    # split("\n"), not splitlines(): a frame name may hold \x1c or \x85 (native symbols),
-    # which splitlines() also breaks at.
-    for line in raw.read_text(errors="replace").split("\n"):
+    # Bytes split at "\n" only: a frame name may hold \x1c or \x85 (native symbols), which
+    # splitlines() also breaks at, or \r, which reading as text turns into a newline.
+    for line in raw.read_bytes().decode(errors="replace").split("\n"):
         if not line.strip():
             continue
         stack, count = line.rsplit(" ", 1)

@@ -232,7 +232,7 @@ def _levels(weights: Sequence[float], n: int) -> tuple[float, float, list[int]] 
     with many distinct values (softmax) is turned away by three comparisons first: in a
     two-valued list with at most two ``high`` entries, two of any three entries are equal.
     """
-    if n < 2:
+    if n < 2 or type(weights) not in (list, tuple):  # .index below; VW gives lists
         return None
     a, b, c = weights[0], weights[n >> 1], weights[-1]
     if not (a in (b, c) or b == c):  # (a pre-filter only)

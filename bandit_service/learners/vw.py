@@ -495,6 +495,7 @@ class _VWScorer:
                 if eligible == positions:
                     del batch[gone + 1]
                     return batch
+                self._batch = None  # positions changed: never reuse this batch with them
         positions = list(eligible)
         batch = [None]
         batch += [kept[i] for i in positions]

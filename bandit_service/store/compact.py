@@ -24,6 +24,7 @@ those was most of the trainer's time per event. Now:
   decision, and that the reward look-up read and parsed again; as runs they are ~0.4 KB.
   Exact: runs group equal doubles, and a run is only made of finite values, with zeros
   only when none is ``-0.0`` (the one other pair of distinct doubles that compare equal).
+  Older code reads only ``p``: migration 0010's downgrade packs every ``p_runs`` back.
 
 Readers outside the trainer get the classic shape back (:func:`expand_slots`): the log's
 meaning is unchanged, only its storage. A slot whose distribution names an id missing from

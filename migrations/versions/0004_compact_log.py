@@ -72,15 +72,9 @@ def _expand(slots: Sequence[dict[str, Any]], ids: Sequence[str]) -> list[dict[st
             continue
         runs = slot["eligible"]
         chosen = [ids[i] for k in range(0, len(runs), 2) for i in range(runs[k], runs[k + 1])]
-        classic = {k: v for k, v in slot.items() if k not in ("eligible", "p", "p_runs")}
-        if "p_runs" in slot:  # written by later versions: [value, count, ...]
-            pairs = slot["p_runs"]
-            probabilities = tuple(
-                float(pairs[k]) for k in range(0, len(pairs), 2) for _ in range(pairs[k + 1])
-            )
-        else:
-            data = base64.b64decode(slot["p"])
-            probabilities = struct.unpack(f"<{len(data) // 8}d", data)
+        classic = {k: v for k, v in slot.items() if k not in ("eligible", "p")}
+        data = base64.b64decode(slot["p"])
+        probabilities = struct.unpack(f"<{len(data) // 8}d", data)
         classic["pmf"] = [[cid, p] for cid, p in zip(chosen, probabilities, strict=True)]
         out.append(classic)
     return out

@@ -1,6 +1,6 @@
 """Repeated probabilities are stored as runs (``p_runs``, store/compact.py) and read back as
-the very same doubles, on both stores, through a downgrade too; anything a run could not
-give back exactly keeps the packed form."""
+the very same doubles, on both stores; downgrading past migration 0010 packs them as older
+code expects, exactly; anything a run could not give back exactly keeps the packed form."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ from bandit_service.store import compact, repository
 from bandit_service.store.database import downgrade, make_engine, upgrade
 
 CATALOGUE = [{"id": f"c{i}", "features": {"n": i}} for i in range(12)]
+
+
+def _json(value: Any) -> Any:
+    """A JSON column read with plain SQL: text on SQLite, decoded on PostgreSQL."""
+    return orjson.loads(value) if isinstance(value, str) else value
 
 
 def _bits(values: list[float]) -> bytes:
@@ -99,7 +104,7 @@ def test_the_store_gives_back_the_same_doubles(empty_database_url: str) -> None:
         repository.insert_decisions(session, [_row(name, pmf) for name, pmf in cases])
     with Session(engine) as session:
         stored = {
-            event_id: orjson.loads(slots) if isinstance(slots, str) else slots
+            event_id: _json(slots)
             for event_id, slots in session.execute(sa.text("SELECT event_id, slots FROM decisions"))
         }
         read = {name: repository.get_decision(session, name) for name, _pmf in cases}
@@ -109,14 +114,22 @@ def test_the_store_gives_back_the_same_doubles(empty_database_url: str) -> None:
         assert [cid for cid, _p in got] == [cid for cid, _p in pmf]
         assert _bits([p for _cid, p in got]) == _bits([float(p) for _cid, p in pmf])
 
-    # Downgrading past the compact log (migration 0004) restores the classic form exactly.
+    # Downgrading past migration 0010 packs the runs (older code reads only "p"), exactly;
+    # past the compact log (0004) the classic form comes back, exactly.
+    downgrade(url, "0009_catalog")
+    with engine.connect() as connection:
+        packed = dict(connection.execute(sa.text("SELECT event_id, slots FROM decisions")).all())
+    for name, pmf in cases:
+        slot = _json(packed[name])[0]
+        assert "p_runs" not in slot and "p" in slot  # (jsonb keeps no key order)
+        want = _bits([float(p) for _cid, p in pmf])
+        assert compact.unpack_probabilities(slot["p"]) == list(struct.unpack(f"<{len(pmf)}d", want))
+        assert _bits(compact.unpack_probabilities(slot["p"])) == want
     downgrade(url, "0003")
     with engine.connect() as connection:
         restored = dict(connection.execute(sa.text("SELECT event_id, slots FROM decisions")).all())
     engine.dispose()
     for name, pmf in cases:
-        slots = restored[name]
-        slots = orjson.loads(slots) if isinstance(slots, str) else slots
-        back = slots[0]["pmf"]
+        back = _json(restored[name])[0]["pmf"]
         assert [cid for cid, _p in back] == [cid for cid, _p in pmf]
         assert _bits([p for _cid, p in back]) == _bits([float(p) for _cid, p in pmf])

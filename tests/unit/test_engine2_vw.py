@@ -39,6 +39,21 @@ def test_batch_follows_any_eligible_sequence() -> None:
     learner.close()
 
 
+def test_batch_is_right_after_a_failed_rebuild() -> None:
+    """A mismatch found after the previous positions were shortened, then a failure while
+    listing anew (a bad position): the next call must not reuse the old batch."""
+    learner = VWLearner(VW_ARGS)
+    scorer = _VWScorer(learner, {}, [Candidate(f"c{i}", {"f": i}) for i in range(4)])
+    kept: list[Any] = [object() for _ in range(4)]
+    assert scorer._batch_for(kept, [0, 1, 2, 3])[1:] == kept
+    try:
+        scorer._batch_for(kept, [0, 1, 99])
+    except IndexError:
+        pass
+    assert scorer._batch_for(kept, [0, 1, 3])[1:] == [kept[0], kept[1], kept[3]]
+    learner.close()
+
+
 def test_scores_as_listed_afresh() -> None:
     """Slot after slot, one scorer's pmfs equal a fresh scorer's for the same subset."""
     learner = VWLearner(VW_ARGS)
