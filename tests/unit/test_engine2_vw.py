@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import pytest
+
 from bandit_service.domain import Candidate
 from bandit_service.learners.vw import VWLearner, _VWScorer
 
@@ -46,10 +48,8 @@ def test_batch_is_right_after_a_failed_rebuild() -> None:
     scorer = _VWScorer(learner, {}, [Candidate(f"c{i}", {"f": i}) for i in range(4)])
     kept: list[Any] = [object() for _ in range(4)]
     assert scorer._batch_for(kept, [0, 1, 2, 3])[1:] == kept
-    try:
+    with pytest.raises(IndexError):
         scorer._batch_for(kept, [0, 1, 99])
-    except IndexError:
-        pass
     assert scorer._batch_for(kept, [0, 1, 3])[1:] == [kept[0], kept[1], kept[3]]
     learner.close()
 
