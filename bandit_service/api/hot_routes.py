@@ -35,6 +35,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -46,11 +47,14 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bandit_service.api.json_route import FAST_PATH_DECLINED, FastPath
-from bandit_service.ops.http import RequestContext
+from bandit_service.ops.http import HEADER as REQUEST_ID_HEADER
+from bandit_service.ops.http import RequestContext, request_id_from
+from bandit_service.ops.logs import REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -89,22 +93,29 @@ class HotRoute:
         try:
             response = await self.fast(request)
         except Exception as exc:
-            handler = self._handler_for(exc)
-            if handler is None:
-                raise  # to the request context (413) or the 500 handler, as in FastAPI
-            if _is_async(handler):
-                response = await handler(request, exc)
-            else:
-                response = await run_in_threadpool(handler, request, exc)
+            response = await self.handle(request, exc)
             if response is not None:
                 await response(scope, receive, send)
-            exc.__traceback__ = None  # as Starlette does: reused exceptions keep no frames
             return
         if response is None:
             scope[FAST_PATH_DECLINED] = True
             await self.fallback(scope, _replay(request, receive), send)
             return
         await response(scope, receive, send)
+
+    async def handle(self, request: Request, exc: Exception) -> Response | None:
+        """The app's answer to ``exc`` raised by the fast path (its exception handlers',
+        as FastAPI's exception middleware would pick them); ``exc`` itself when none does
+        (to the request context (413) or the 500 handler, as in FastAPI)."""
+        handler = self._handler_for(exc)
+        if handler is None:
+            raise exc
+        if _is_async(handler):
+            response: Response | None = await handler(request, exc)
+        else:
+            response = await run_in_threadpool(handler, request, exc)
+        exc.__traceback__ = None  # as Starlette does: reused exceptions keep no frames
+        return response
 
     def _handler_for(self, exc: Exception) -> Any:
         """The handler Starlette's exception middleware would pick for ``exc``."""
@@ -116,6 +127,129 @@ class HotRoute:
             if cls in self.exception_handlers:
                 return self.exception_handlers[cls]
         return None
+
+
+class DirectRoute:
+    """A hot route served without ASGI messages, for the server's own protocol
+    (``ops/protocol.py``): a request whose whole body has arrived is answered by the same
+    objects, in the same order, as the route's ASGI stack (:func:`arm`) would answer it --
+    Starlette's error middleware, the request context, :class:`HotRoute` -- without the
+    ``receive``/``send`` wrappers, message dictionaries and middleware frames in between.
+
+    Why: each of those layers costs little in process (``benchmarks/framework_overhead.py``:
+    8 µs a request in all), but served over HTTP the request's way through uvicorn's ASGI
+    cycle, the proxy-headers middleware, the app and these layers cost ~28 µs of a
+    ~330 µs decision at 64 in flight (``benchmarks/http_load.py``, a prototype that
+    answered directly from the protocol, alternating rounds).
+
+    :meth:`serve` answers through ``send`` (the protocol's cycle: the same bytes on the
+    wire), or returns False, having done nothing, for the requests that only the whole
+    stack answers alike: a body over the request context's limit, and a request the fast
+    path declines (it declines before any side effect); the caller then runs the app."""
+
+    def __init__(self, hot: HotRoute, context: RequestContext, errors: ServerErrorMiddleware):
+        self.hot = hot
+        self.context = context
+        self.errors = errors
+        self.limit = context.max_body_bytes  # the request context's body limit
+
+    def takes(self, scope: Scope) -> bool:
+        """False for a request the request context refuses before reading its body (a
+        ``Content-Length`` over the limit): only the whole stack answers it alike."""
+        limit = self.limit
+        if limit is not None:
+            for name, value in scope["headers"]:
+                if name == b"content-length" and value.isdigit() and int(value) > limit:
+                    return False
+        return True
+
+    async def serve(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> bool:
+        limit = self.limit
+        if limit is not None and len(body) > limit:
+            return False  # the request context's 413, from the whole stack
+        request_id = request_id_from(scope["headers"])
+        token = REQUEST_ID.set(request_id)
+        start = time.perf_counter()
+        hot = self.hot
+        scope["route"] = hot.route  # the metrics' and access log's label: the template
+        request = hot.request_class(scope, receive, send)
+        request._body = body  # read already: ``body()`` returns it
+        started = False
+        try:
+            try:
+                response = await hot.fast(request)
+            except Exception as exc:
+                response = await hot.handle(request, exc)
+                if response is None:  # a handler that answers nothing: as the stack does
+                    self.context.record(scope, 500, start)
+                    REQUEST_ID.reset(token)
+                    return True
+            else:
+                if response is None:
+                    del scope["route"]
+                    REQUEST_ID.reset(token)
+                    return False
+            started = True
+            await _respond(response, scope, receive, send, (REQUEST_ID_HEADER, request_id.encode()))
+        except BaseException as exc:
+            # What the request context, then Starlette's error middleware, do: count a
+            # 500, answer the app's 500 (incident id; the request id stays set for it)
+            # unless an answer had started, and raise on (the caller logs it and closes
+            # the connection, as uvicorn does).
+            self.context.record(scope, 500, start)
+            if isinstance(exc, Exception) and not started:
+                answer = self._error_response(Request(scope), exc)
+                await answer(scope, receive, send)
+            raise
+        self.context.record(scope, response.status_code, start)
+        REQUEST_ID.reset(token)
+        return True
+
+    def _error_response(self, request: Request, exc: Exception) -> Any:
+        errors = self.errors
+        if errors.debug:
+            return errors.debug_response(request, exc)
+        if errors.handler is None:
+            return errors.error_response(request, exc)
+        return _ErrorAnswer(errors.handler, request, exc)
+
+
+class _ErrorAnswer:
+    """The error middleware's handler's answer, made when it is sent (as an ASGI app)."""
+
+    def __init__(self, handler: Any, request: Request, exc: Exception) -> None:
+        self.handler, self.request, self.exc = handler, request, exc
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if _is_async(self.handler):
+            response = await self.handler(self.request, self.exc)
+        else:
+            response = await run_in_threadpool(self.handler, self.request, self.exc)
+        await response(scope, receive, send)
+
+
+async def _respond(
+    response: Response, scope: Scope, receive: Receive, send: Send, echoed: tuple[bytes, bytes]
+) -> None:
+    """``response`` sent as the request context sends it (its id echoed last)."""
+    if type(response).__call__ is Response.__call__ and response.background is None:
+        # Starlette's own two messages, built here: no wrapper around ``send``.
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": [*response.raw_headers, echoed],
+            }
+        )
+        await send({"type": "http.response.body", "body": response.body})
+        return
+
+    async def send_with_id(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), echoed]}
+        await send(message)
+
+    await response(scope, receive, send_with_id)
 
 
 class _BodyRequest(Request):
@@ -189,15 +323,17 @@ def _replay(request: Request, receive: Receive) -> Receive:
 
 
 class _Target:
-    """A hot route's path pattern and the stack that serves it."""
+    """A hot route's path pattern and the stack that serves it (as an ASGI app, and
+    directly: :class:`DirectRoute`)."""
 
-    def __init__(self, route: APIRoute, stack: ASGIApp) -> None:
+    def __init__(self, route: APIRoute, stack: ASGIApp, direct: DirectRoute) -> None:
         self.route = route
         self.methods = frozenset(route.methods or ())
         self.regex: re.Pattern[str] = route.path_regex
         self.convertors: dict[str, Convertor[Any]] = route.param_convertors
         self.endpoint = route.endpoint
         self.stack = stack
+        self.direct = direct
 
 
 class HotRoutes:
@@ -214,6 +350,15 @@ class HotRoutes:
         self.routes = tuple(t.route for t in targets)
 
     def match(self, scope: Scope) -> ASGIApp | None:
+        target = self._find(scope)
+        return None if target is None else target.stack
+
+    def direct(self, scope: Scope) -> DirectRoute | None:
+        """As :meth:`match`, the route to serve directly (:class:`DirectRoute`)."""
+        target = self._find(scope)
+        return None if target is None else target.direct
+
+    def _find(self, scope: Scope) -> _Target | None:
         if scope.get("root_path"):
             return None
         path: str = scope["path"]
@@ -236,7 +381,7 @@ class HotRoutes:
         scope["endpoint"] = target.endpoint
         existing = scope.get("path_params")
         scope["path_params"] = {**existing, **params} if existing else params
-        return target.stack
+        return target
 
 
 def arm(app: FastAPI, routers: Iterable[APIRouter]) -> HotRoutes | None:
@@ -276,8 +421,9 @@ def arm(app: FastAPI, routers: Iterable[APIRouter]) -> HotRoutes | None:
             if not _routed_to(app, route):
                 return _refuse(f"FastAPI does not route {route.path} to its fast path")
             hot = HotRoute(route, fast, handlers, status_handlers, inner, request_class)
-            stack = ServerErrorMiddleware(context.around(hot), errors.handler, errors.debug)
-            targets.append(_Target(route, stack))
+            twin = context.around(hot)
+            stack = ServerErrorMiddleware(twin, errors.handler, errors.debug)
+            targets.append(_Target(route, stack, DirectRoute(hot, twin, stack)))
     return HotRoutes(app, targets)
 
 

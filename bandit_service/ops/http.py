@@ -141,16 +141,17 @@ class RequestContext:
         except BaseException:
             # Starlette's outer error middleware answers 500 and logs through our handler,
             # which echoes the id: keep it set (the task ends with the request anyway).
-            self._record(scope, 500, start)
+            self.record(scope, 500, start)
             raise
-        self._record(scope, status, start)
+        self.record(scope, status, start)
         REQUEST_ID.reset(token)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         assert self.too_large is not None
         await self.too_large(scope)(scope, receive, send)
 
-    def _record(self, scope: Scope, status: int, start: float) -> None:
+    def record(self, scope: Scope, status: int, start: float) -> None:
+        """Count and time a request that ended with ``status``, and log it."""
         elapsed = time.perf_counter() - start
         route = getattr(scope.get("route"), "path", None) or "unmatched"
         method = scope["method"] if scope["method"] in _METHODS else "OTHER"

@@ -15,17 +15,38 @@ the loop; and whatever writes to or closes the connection first (the body, a clo
 an error, a ``HEAD`` answer that has no body) writes the held head before it. While
 uvicorn's flow control has paused writing, nothing is held.
 
+The protocol also serves the app's hot routes (the decision and reward requests,
+``api/hot_routes.py``) directly: once a request's whole body has arrived, its cycle calls
+the route's
+:class:`~bandit_service.api.hot_routes.DirectRoute` instead of the app, skipping the
+proxy-headers middleware, the app's dispatch and the ASGI layers of the route's stack,
+whose objects it calls itself in the same order (~28 µs of CPU a decision at 64 in
+flight). uvicorn's ``run_asgi`` still runs it, so a failure is logged and answered as
+for any app. Anything else goes to the app as before: a request whose body passes the
+body limit or whose connection is lost before it has all arrived, one that expects
+``100-continue``, one that carries ``X-Forwarded-For`` or
+``X-Forwarded-Proto`` (the proxy-headers middleware would rewrite its client or
+scheme), while uvicorn's concurrency limit answers 503, and before the app has started.
+
 Everything else is uvicorn's own code: :class:`CoalescingHttpToolsProtocol` only gives
-each request's cycle the ``send`` below (:data:`AVAILABLE` is False, and ``serve`` keeps
-uvicorn's default protocol, when the uvicorn installed does not have the pieces this
-relies on). ``tests/e2e/test_request_protocol.py`` compares raw answers byte for byte
-with uvicorn's own protocol.
+each request's cycle the ``send`` below and, for the hot routes, the direct call
+(:data:`AVAILABLE` is False, and ``serve`` keeps uvicorn's default protocol, when the
+uvicorn installed does not have the pieces this relies on).
+``tests/e2e/test_request_protocol.py`` compares raw answers byte for byte with uvicorn's
+own protocol, and ``tests/e2e/test_direct_routes.py`` the service's answers, metrics and
+logs over real sockets with the app served through ASGI.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import functools
+from typing import TYPE_CHECKING, Any
+
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+if TYPE_CHECKING:
+    from bandit_service.api.hot_routes import DirectRoute
 
 try:  # uvicorn's httptools protocol needs httptools (an optional dependency of uvicorn)
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
@@ -135,13 +156,81 @@ if AVAILABLE:
             if isinstance(held, _HeldHead):
                 held.flush()
 
+    class _Direct:
+        """The app, for one request to a hot route: served by its :class:`DirectRoute`
+        when the body is all there, by the app otherwise (and when the route declines).
+        uvicorn's ``run_asgi`` calls it as the app (its failure handling unchanged)."""
+
+        __slots__ = ("_app", "_cycle", "_route")
+
+        def __init__(self, app: Any, cycle: RequestResponseCycle, route: DirectRoute) -> None:
+            self._app = app
+            self._cycle = cycle
+            self._route = route
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            cycle = self._cycle
+            limit = self._route.limit
+            # The body, as ``receive`` would gather it (the app's first step on these
+            # routes is to read it whole), up to the request context's limit.
+            while cycle.more_body and not cycle.disconnected:
+                if limit is not None and len(cycle.body) > limit:
+                    break
+                cycle.flow.resume_reading()
+                await cycle.message_event.wait()
+                cycle.message_event.clear()
+            if cycle.more_body or cycle.disconnected or cycle.response_complete:
+                cycle.message_event.set()  # the app's ``receive`` takes it from here
+                await self._app(scope, receive, send)
+                return
+            cycle.flow.resume_reading()
+            cycle.message_event.clear()
+            raw = cycle.body
+            cycle.body = b""  # type: ignore[assignment]
+            if not await self._route.serve(scope, bytes(raw), receive, send):
+                cycle.body = raw  # as it was: the app reads it
+                cycle.message_event.set()
+                await self._app(scope, receive, send)
+
+    _FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto")
+
+    def _direct_route(app: Any, scope: Any) -> DirectRoute | None:
+        """The hot route to serve ``scope`` directly, if ``app`` (the protocol's) is the
+        service's app, with nothing between it and the server but the proxy-headers
+        middleware, whose work no forwarded header asks for."""
+        if type(app) is ProxyHeadersMiddleware:
+            for name, _value in scope["headers"]:
+                if name in _FORWARDED:
+                    return None
+            app = app.app
+        # The service's app as it is (a subclass might do more in ``__call__``), once
+        # started (its pre-router is armed then).
+        if type(app).__call__ is not _bandit_call() or app.hot_routes is None:
+            return None
+        hot = app.hot_routes
+        route: DirectRoute | None = hot.direct(scope)
+        return route if route is not None and route.takes(scope) else None
+
+    @functools.cache
+    def _bandit_call() -> Any:
+        """``BanditApp.__call__``, imported when the first request comes: importing the
+        app (and its metrics) with this module would create the metrics before ``serve``
+        has prepared their multiprocess mode."""
+        from bandit_service.app import BanditApp
+
+        return BanditApp.__call__
+
     class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         """uvicorn's httptools protocol whose requests answer through
-        :class:`_CoalescingCycle`."""
+        :class:`_CoalescingCycle`, and the app's hot routes directly."""
 
         def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
             # The cycle was made by uvicorn's own ``on_headers_complete``; its class is a
             # plain one, and the subclass adds only methods and class attributes.
             cycle.__class__ = _CoalescingCycle
             cycle._loop = self.loop  # type: ignore[attr-defined]
+            if app is self.app and not cycle.waiting_for_100_continue:  # not a 503 stand-in
+                route = _direct_route(app, cycle.scope)
+                if route is not None:
+                    app = _Direct(app, cycle, route)
             super()._start_asgi_task(cycle, app)
