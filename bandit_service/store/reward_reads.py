@@ -16,6 +16,13 @@ one ``call_soon_threadsafe``, which also hands over the next batch. The thread r
 chunks of 500, under its variable limit), with the very columns and decoding of
 ``find_decision_for_reward``.
 
+Measured (benchmarks/reward_cpu.py: the ASGI app in process, 64 in flight, 4,000 rewards
+a round, 5 rounds alternating with the previous code, load average 2-6 on the shared
+2-core machine): CPU per reward on SQLite 147 -> 82 µs (per-round ratio median 0.51),
+5,806 -> 6,660 rewards/s; on PostgreSQL 291 -> 94 µs in the process (median ratio 0.32)
+and 129 -> 36 µs in the PostgreSQL backends, 1,992 -> 3,739 rewards/s. With one request
+in flight (a batch of one) the CPU is unchanged (ratios 1.00 SQLite, 0.91 PostgreSQL).
+
 It keeps one store connection while look-ups keep coming (no check-out, no pre-ping per
 batch), in autocommit mode on PostgreSQL, and gives it back after
 :data:`IDLE_RELEASE_SECONDS` without look-ups, or at once after any failure. Each batch's
