@@ -171,7 +171,7 @@ def find_decision_for_reward(engine: Engine, event_id: str) -> dict[str, Any] | 
 
 
 def insert_decisions(
-    session: Session,
+    session: Session | Connection,
     rows: Sequence[dict[str, Any]],
     *,
     stored_sets: StoredSets | None = None,
@@ -189,7 +189,10 @@ def insert_decisions(
     ``stored_sets``: keys of sets known to be committed in this store already; those are
     not sent again (see :class:`StoredSets` for why that is safe). ``ends_transaction``:
     the caller writes nothing more in this transaction, so on PostgreSQL the COMMIT goes
-    in the same round trip as the rows (the caller's own commit then has nothing to do)."""
+    in the same round trip as the rows (the caller's own commit then has nothing to do).
+
+    ``session`` may be a ``Connection`` in a transaction: the writer's usual batch (fresh
+    decisions only) goes without an ORM session (``writer._apply_fresh``)."""
     if not rows:
         return []
     sets: dict[str, str] = {}
@@ -208,7 +211,7 @@ def insert_decisions(
         # only as far as 0006 (before the column existed; tests/integration/test_positions).
         for out in stored:
             del out["context_line"]
-    dialect = session.get_bind().dialect.name
+    dialect = _dialect_name(session)
     candidate_sets = sorted(
         item for item in sets.items() if stored_sets is None or item[0] not in stored_sets
     )
@@ -227,6 +230,12 @@ def insert_decisions(
     serialize_log_appends(session)
     session.execute(_INSERT_DECISIONS, stored)
     return list(sets)
+
+
+def _dialect_name(session: Session | Connection) -> str:
+    if isinstance(session, Connection):
+        return session.dialect.name
+    return session.get_bind().dialect.name
 
 
 class StoredSets:
@@ -338,7 +347,7 @@ _INSERT_SETS_SQL = {
 
 
 def _append_decisions(
-    session: Session,
+    session: Session | Connection,
     dialect: str,
     candidate_sets: list[tuple[str, str]],
     stored: list[dict[str, Any]],
@@ -824,7 +833,7 @@ def find_rewards(session: Session, reward_ids: Iterable[str]) -> dict[str, dict[
     }  # fmt: skip
 
 
-def serialize_log_appends(session: Session) -> None:
+def serialize_log_appends(session: Session | Connection) -> None:
     """Make decision positions commit in order across processes (PostgreSQL).
 
     Positions come from a sequence at insert time; two processes' transactions could commit
@@ -837,7 +846,7 @@ def serialize_log_appends(session: Session) -> None:
     held only from the append to the commit. A writer's batch takes its event-id locks
     (:func:`lock_event_ids`) before, never after, so the two kinds cannot deadlock.
     """
-    if session.get_bind().dialect.name == "postgresql":
+    if _dialect_name(session) == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOG_APPEND_LOCK})
 
 

@@ -292,8 +292,14 @@ class BatchWriter:
         turn = self._turns.turn() if self._turns is not None else contextlib.nullcontext()
         try:
             # (Positions commit in log order: insert_decisions takes the log-append lock.)
-            with turn, Session(self._connect()) as session, session.begin():
-                outcomes, set_keys = _apply(session, batch, self._late_margin, self._sets_memo)
+            if all(write.fresh and write.kind == "decision" for write in batch):
+                with turn, self._connect().begin() as transaction:
+                    outcomes, set_keys = _apply_fresh(
+                        transaction.connection, batch, self._sets_memo
+                    )
+            else:
+                with turn, Session(self._connect()) as session, session.begin():
+                    outcomes, set_keys = _apply(session, batch, self._late_margin, self._sets_memo)
         except BaseException:
             # The next attempt (a retry, or the next batch) checks a connection out afresh,
             # and sends every candidate set: a failure may come from a deleted one.
@@ -342,6 +348,28 @@ def store_unreachable(exc: BaseException) -> bool:
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return True
     return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError)
+
+
+def _apply_fresh(
+    connection: Connection, batch: list[_Write], stored_sets: repository.StoredSets | None
+) -> tuple[list[Any], list[str]]:
+    """:func:`_apply` for the usual batch, fresh decisions only, on the connection's
+    transaction without an ORM ``Session``: such a batch looks nothing up (see
+    :func:`_apply`) and writes no reward, so what remained of the session was its cost,
+    ~24 µs of client CPU per batch (its construction, ``begin()``, the connection
+    look-up, the commit and close: ~28 µs, against ~4 µs for the connection's own
+    transaction; timeit on PostgreSQL). The outcomes are :func:`_apply`'s: an event id
+    repeated within the batch (not expected of fresh ids) is stored once, and its later
+    writes are answered with the first one, as stored."""
+    written: dict[str, dict[str, Any]] = {}
+    outcomes: list[Any] = []
+    for write in batch:
+        first = written.setdefault(write.payload["event_id"], write.payload)
+        outcomes.append(DecisionWriteResult(first is write.payload, first))
+    set_keys = repository.insert_decisions(
+        connection, list(written.values()), stored_sets=stored_sets, ends_transaction=True
+    )
+    return outcomes, set_keys
 
 
 def _apply(
