@@ -446,10 +446,14 @@ def _append_postgresql(
     to send -- needs no pipeline at all (:func:`_append_alone`): its one statement runs
     alone in autocommit mode, in the implicit transaction PostgreSQL gives a statement,
     which takes the log-append lock in the statement's CTE and commits when the
-    statement ends, in the one round trip. Measured (benchmarks/pgwrite_append.py,
-    d50x1, CPU µs per decision client / server): at one decision a batch ~344 / ~253
-    became ~267 / ~222, at 16 a batch ~41.7 / ~38.9 became ~25.6 / ~33.2 (psycopg's
-    pipeline machinery, and the server's parsing of BEGIN and COMMIT)."""
+    statement ends, in the one round trip. What it saves is psycopg's pipeline machinery
+    (its syncs and result bookkeeping) and the server's BEGIN and COMMIT statements.
+    Measured with benchmarks/pgwrite_append.py (``--sizes 1,16,32 --rounds 3``, against
+    the pipelined code, d50x1, CPU µs per decision client / server): at one decision a
+    batch ~309 / ~199 became ~225 / ~175, at 16 ~35 / ~33 became ~27 / ~33, at 32 ~23 /
+    ~27 became ~19 / ~30 (server within this machine's noise), the commit latency at one
+    a batch 0.54 -> 0.45 ms; d500x5 the same within the noise (a run of 5 rounds: at 16
+    ~167 / ~77 became ~150 / ~65)."""
     params = [_LOG_APPEND_LOCK, *_binary_arrays(raw, names, arrays)]
     if ends_transaction and not candidate_sets and raw.pgconn.transaction_status == _IDLE:
         _append_alone(raw, names, params)
@@ -524,7 +528,10 @@ def _binary_arrays(raw: Any, names: list[str], arrays: list[list[Any]]) -> list[
     Why: psycopg's array dumper is Python (per array: the element type looked up by
     scanning the list, a dumper found and called per element); for the writer's 14
     columns it cost ~41 µs of client CPU per batch of one decision and ~72 µs per batch
-    of 16 (timeit, d50x1 rows), against ~6 and ~24 µs here.
+    of 16 (timeit, d50x1 rows), against ~6 and ~24 µs here. In the writer's
+    ``_commit_once`` (in-process, the two ways alternating, 6 rounds, d50x1, client CPU
+    µs per decision): ~278 -> ~256 at one a batch, ~27.1 -> ~25.1 at 16, ~21.0 -> ~16.8
+    at 32; the server's CPU is the same (it receives the same bytes).
 
     The bytes are those psycopg would send for the same values (after
     :func:`_pg_array`): text as UTF-8 (only on a connection whose client encoding is

@@ -28,7 +28,9 @@ It also remembers the candidate sets it committed and does not send them again
 (``repository.StoredSets``: inline candidates repeat from request to request, ~40 KB of
 JSON for 500 candidates); a set deleted since makes the foreign key refuse the batch,
 which is then retried with every set. A batch of decisions only is committed in the same
-round trip as its rows on PostgreSQL (``repository._append_postgresql``).
+round trip as its rows on PostgreSQL (``repository._append_postgresql``); the usual one,
+fresh decisions over known sets, as one statement in autocommit mode, written without an
+ORM session (:func:`_apply_fresh`).
 """
 
 from __future__ import annotations

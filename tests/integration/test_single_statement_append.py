@@ -183,3 +183,22 @@ def test_the_single_statement_waits_for_the_log_append_lock_and_releases_it(
             {"pid": alone[0].info.backend_pid},
         ).scalar_one()
     assert held == 0
+
+
+def test_a_dead_connection_costs_one_retry_on_the_fresh_path(
+    db: Engine, writer: BatchWriter, alone: list[Any]
+) -> None:
+    """The kept connection died (a store restart): the single statement fails as the store
+    being unreachable, and the writer's retry on a fresh connection stores the batch."""
+    if db.dialect.name != "postgresql":
+        pytest.skip("a server-side disconnect needs PostgreSQL")
+    held = writer._connection
+    assert held is not None
+    pid = held.connection.driver_connection.info.backend_pid
+    with db.connect() as other:
+        other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    outcomes = writer._commit(fresh(decision("after-1"), decision("after-2")))
+    assert [o.created for o in outcomes] == [True, True]
+    assert writer._connection is not held
+    assert len(alone) == 1  # the failed attempt; the retry sends its set again (pipelined)
+    assert stored_ids(db) == ["known", "after-1", "after-2"]
