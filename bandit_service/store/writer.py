@@ -366,8 +366,12 @@ def _apply_fresh(
     written: dict[str, dict[str, Any]] = {}
     outcomes: list[Any] = []
     for write in batch:
-        first = written.setdefault(write.payload["event_id"], write.payload)
-        outcomes.append(DecisionWriteResult(first is write.payload, first))
+        event_id = write.payload["event_id"]
+        if event_id in written:
+            outcomes.append(DecisionWriteResult(False, written[event_id]))
+        else:
+            written[event_id] = write.payload
+            outcomes.append(DecisionWriteResult(True, write.payload))
     set_keys = repository.insert_decisions(
         connection, list(written.values()), stored_sets=stored_sets, ends_transaction=True
     )

@@ -202,3 +202,16 @@ def test_a_dead_connection_costs_one_retry_on_the_fresh_path(
     assert writer._connection is not held
     assert len(alone) == 1  # the failed attempt; the retry sends its set again (pipelined)
     assert stored_ids(db) == ["known", "after-1", "after-2"]
+
+
+def test_an_event_id_repeated_within_a_fresh_batch_is_stored_once(
+    db: Engine, writer: BatchWriter
+) -> None:
+    """As ``writer._apply`` answers it: the first write is created, a later one with the
+    same id is answered with the first one, and one row is stored."""
+    first, again = decision("twice"), decision("twice", created_at=2.0)
+    outcomes = writer._commit_once(fresh(first, again, decision("once")))
+    assert [(o.created, o.row is first) for o in outcomes] == [
+        (True, True), (False, True), (True, False)
+    ]  # fmt: skip
+    assert stored_ids(db) == ["known", "twice", "once"]
