@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import struct
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
@@ -454,9 +452,8 @@ def _append_postgresql(
     ~27 became ~19 / ~30 (server within this machine's noise), the commit latency at one
     a batch 0.54 -> 0.45 ms; d500x5 the same within the noise (a run of 5 rounds: at 16
     ~167 / ~77 became ~150 / ~65)."""
-    params = [_LOG_APPEND_LOCK, *_binary_arrays(raw, names, arrays)]
     if ends_transaction and not candidate_sets and raw.pgconn.transaction_status == _IDLE:
-        _append_alone(raw, names, params)
+        _append_alone(raw, names, arrays)
         return
     begin_here = ends_transaction and raw.pgconn.transaction_status == _IDLE
     cursor = raw.cursor()
@@ -468,7 +465,7 @@ def _append_postgresql(
                 cursor.execute("BEGIN")
             if candidate_sets:
                 cursor.executemany(_INSERT_SETS_SQL["postgresql"], candidate_sets)
-            cursor.execute(_append_sql(tuple(names)), params)
+            cursor.execute(_append_sql(tuple(names)), [_LOG_APPEND_LOCK, *arrays])
             if ends_transaction:
                 cursor.execute("COMMIT")
     finally:
@@ -479,7 +476,7 @@ def _append_postgresql(
             raw.autocommit = False
 
 
-def _append_alone(raw: Any, names: list[str], params: list[Any]) -> None:
+def _append_alone(raw: Any, names: list[str], arrays: list[list[Any]]) -> None:
     """The append statement alone, committed by itself (an idle connection, no set to
     send): autocommit mode for the one statement, restored afterwards whatever happens.
 
@@ -493,7 +490,7 @@ def _append_alone(raw: Any, names: list[str], params: list[Any]) -> None:
     cursor = raw.cursor()
     raw.autocommit = True
     try:
-        cursor.execute(_append_sql(tuple(names)), params)
+        cursor.execute(_append_sql(tuple(names)), [_LOG_APPEND_LOCK, *arrays])
     finally:
         cursor.close()
         if not raw.broken:  # a broken connection is discarded anyway
@@ -519,127 +516,6 @@ def _pg_array(name: str, values: list[Any]) -> list[Any]:
     would have parsed its text as a float) must not make an integer array."""
     convert = _PG_ELEMENT.get(_PG_ARRAY_TYPES.get(name, "text"), str)
     return [v if v is None or type(v) is convert else convert(v) for v in values]
-
-
-def _binary_arrays(raw: Any, names: list[str], arrays: list[list[Any]]) -> list[Any]:
-    """The append's column arrays, each encoded here in PostgreSQL's binary array format
-    (``array_recv``'s input) where that is the same as psycopg's own binary dumping.
-
-    Why: psycopg's array dumper is Python (per array: the element type looked up by
-    scanning the list, a dumper found and called per element); for the writer's 14
-    columns it cost ~41 µs of client CPU per batch of one decision and ~72 µs per batch
-    of 16 (timeit, d50x1 rows), against ~6 and ~24 µs here. In the writer's
-    ``_commit_once`` (in-process, the two ways alternating, 6 rounds, d50x1, client CPU
-    µs per decision): ~278 -> ~256 at one a batch, ~27.1 -> ~25.1 at 16, ~21.0 -> ~16.8
-    at 32; the server's CPU is the same (it receives the same bytes).
-
-    The bytes are those psycopg would send for the same values (after
-    :func:`_pg_array`): text as UTF-8 (only on a connection whose client encoding is
-    UTF-8; else psycopg dumps them, as before), a lone surrogate raising
-    ``UnicodeEncodeError`` as psycopg's dumper does; ``float8`` and ``bool`` as psycopg
-    packs them; ``int4`` elements psycopg would have sent as ``int2[]`` or ``int4[]`` (and
-    the statement cast to ``int4[]``). A value out of ``int4``'s range is left to psycopg,
-    which sends it as ``int8[]``, and the server refuses it as before."""
-    if raw.pgconn.parameter_status(b"client_encoding") != b"UTF8":
-        return arrays
-    if raw not in _ARRAY_DUMPERS_ON:
-        for dumper in _array_dumpers():
-            raw.adapters.register_dumper(dumper.wraps, dumper)
-        _ARRAY_DUMPERS_ON.add(raw)
-    encoded: list[Any] = []
-    for name, values in zip(names, arrays, strict=True):
-        kind = _PG_ARRAY_TYPES.get(name, "text")
-        try:
-            encoded.append(_ENCODED_ARRAYS[kind](_encode_array(kind, values)))
-        except struct.error:  # an int4 column's value out of range
-            encoded.append(values)
-    return encoded
-
-
-def _encode_array(kind: str, values: list[Any]) -> bytes:
-    """One-dimensional array of ``kind`` elements in binary: ndim, has-nulls flag, element
-    type, length, lower bound 1, then each element's length (-1: NULL) and bytes."""
-    parts = [_ARRAY_HEADER.pack(1, None in values, _ELEMENT_OIDS[kind], len(values), 1)]
-    if kind == "text":
-        length = _LENGTH.pack
-        for value in values:
-            if value is None:
-                parts.append(_NULL)
-            else:
-                data = value.encode()
-                parts.append(length(len(data)))
-                parts.append(data)
-    elif kind == "bool":
-        parts += [_NULL if value is None else _BOOLS[value] for value in values]
-    else:
-        fixed = _FIXED[kind]
-        pack, size = fixed.pack, fixed.size - 4
-        parts += [_NULL if value is None else pack(size, value) for value in values]
-    return b"".join(parts)
-
-
-_ARRAY_HEADER = struct.Struct(">iiiii")
-_LENGTH = struct.Struct(">i")
-_NULL = _LENGTH.pack(-1)
-_BOOLS = {True: b"\0\0\0\1\1", False: b"\0\0\0\1\0"}  # length 1, then the byte
-_FIXED = {"int4": struct.Struct(">ii"), "float8": struct.Struct(">id")}  # length, value
-_ELEMENT_OIDS = {"text": 25, "int4": 23, "float8": 701, "bool": 16}
-
-
-class _EncodedArray:
-    """A column's array already in binary (:func:`_binary_arrays`); psycopg sends it as
-    it is, declared of its array type (a subclass per type)."""
-
-    __slots__ = ("data",)
-    oid = 0
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-
-class _TextArray(_EncodedArray):
-    __slots__ = ()
-    oid = 1009
-
-
-class _Int4Array(_EncodedArray):
-    __slots__ = ()
-    oid = 1007
-
-
-class _Float8Array(_EncodedArray):
-    __slots__ = ()
-    oid = 1022
-
-
-class _BoolArray(_EncodedArray):
-    __slots__ = ()
-    oid = 1000
-
-
-_ENCODED_ARRAYS: dict[str, type[_EncodedArray]] = {
-    "text": _TextArray, "int4": _Int4Array, "float8": _Float8Array, "bool": _BoolArray,
-}  # fmt: skip
-
-# The psycopg connections whose adapters know the _EncodedArray classes.
-_ARRAY_DUMPERS_ON: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
-@functools.cache
-def _array_dumpers() -> list[Any]:
-    """A psycopg binary dumper per :class:`_EncodedArray` class (psycopg imported here:
-    a SQLite-only process never loads it)."""
-    from psycopg.adapt import Dumper
-    from psycopg.pq import Format
-
-    def dump(self: Any, obj: _EncodedArray) -> bytes:
-        return obj.data
-
-    return [
-        type(f"{cls.__name__}Dumper", (Dumper,),
-             {"format": Format.BINARY, "oid": cls.oid, "wraps": cls, "dump": dump})
-        for cls in _ENCODED_ARRAYS.values()
-    ]  # fmt: skip
 
 
 @functools.cache
