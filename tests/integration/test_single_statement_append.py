@@ -107,8 +107,9 @@ def test_a_failing_batch_commits_nothing_and_leaves_no_autocommit(
         writer._commit_once(batch)
     assert stored_ids(db) == ["known"]
     if db.dialect.name == "postgresql":
-        # The single-statement path was the one taken (up to the encoding, for "client").
-        assert len(appends) == 1 and len(alone) == (1 if failure == "server" else 0)
+        # The single-statement path was the one taken (for "client", psycopg's encoding
+        # of the parameters failed in its execute, before anything was sent).
+        assert len(appends) == 1 and len(alone) == 1
         raw = appends[-1]
         assert raw.autocommit is False
         assert raw.pgconn.transaction_status == 0  # idle: nothing half done
