@@ -28,7 +28,9 @@ It also remembers the candidate sets it committed and does not send them again
 (``repository.StoredSets``: inline candidates repeat from request to request, ~40 KB of
 JSON for 500 candidates); a set deleted since makes the foreign key refuse the batch,
 which is then retried with every set. A batch of decisions only is committed in the same
-round trip as its rows on PostgreSQL (``repository._append_postgresql``).
+round trip as its rows on PostgreSQL (``repository._append_postgresql``); the usual one,
+fresh decisions over known sets, as one statement in autocommit mode, written without an
+ORM session (:func:`_apply_fresh`).
 """
 
 from __future__ import annotations
@@ -292,8 +294,14 @@ class BatchWriter:
         turn = self._turns.turn() if self._turns is not None else contextlib.nullcontext()
         try:
             # (Positions commit in log order: insert_decisions takes the log-append lock.)
-            with turn, Session(self._connect()) as session, session.begin():
-                outcomes, set_keys = _apply(session, batch, self._late_margin, self._sets_memo)
+            if all(write.fresh and write.kind == "decision" for write in batch):
+                with turn, self._connect().begin() as transaction:
+                    outcomes, set_keys = _apply_fresh(
+                        transaction.connection, batch, self._sets_memo
+                    )
+            else:
+                with turn, Session(self._connect()) as session, session.begin():
+                    outcomes, set_keys = _apply(session, batch, self._late_margin, self._sets_memo)
         except BaseException:
             # The next attempt (a retry, or the next batch) checks a connection out afresh,
             # and sends every candidate set: a failure may come from a deleted one.
@@ -342,6 +350,32 @@ def store_unreachable(exc: BaseException) -> bool:
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return True
     return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError)
+
+
+def _apply_fresh(
+    connection: Connection, batch: list[_Write], stored_sets: repository.StoredSets | None
+) -> tuple[list[Any], list[str]]:
+    """:func:`_apply` for the usual batch, fresh decisions only, on the connection's
+    transaction without an ORM ``Session``: such a batch looks nothing up (see
+    :func:`_apply`) and writes no reward, so what remained of the session was its cost,
+    ~24 µs of client CPU per batch (its construction, ``begin()``, the connection
+    look-up, the commit and close: ~28 µs, against ~4 µs for the connection's own
+    transaction; timeit on PostgreSQL). The outcomes are :func:`_apply`'s: an event id
+    repeated within the batch (not expected of fresh ids) is stored once, and its later
+    writes are answered with the first one, as stored."""
+    written: dict[str, dict[str, Any]] = {}
+    outcomes: list[Any] = []
+    for write in batch:
+        event_id = write.payload["event_id"]
+        if event_id in written:
+            outcomes.append(DecisionWriteResult(False, written[event_id]))
+        else:
+            written[event_id] = write.payload
+            outcomes.append(DecisionWriteResult(True, write.payload))
+    set_keys = repository.insert_decisions(
+        connection, list(written.values()), stored_sets=stored_sets, ends_transaction=True
+    )
+    return outcomes, set_keys
 
 
 def _apply(
