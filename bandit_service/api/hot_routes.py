@@ -35,7 +35,6 @@ from __future__ import annotations
 import inspect
 import logging
 import re
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -89,6 +88,9 @@ class HotRoute:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope["route"] = self.route  # the metrics' and access log's label: the template
+        if scope.get(FAST_PATH_DECLINED):  # declined already (DirectRoute): FastAPI's
+            await self.fallback(scope, receive, send)
+            return
         request = self.request_class(scope, receive, send)
         try:
             response = await self.fast(request)
@@ -163,13 +165,24 @@ class DirectRoute:
                     return False
         return True
 
-    async def serve(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> bool:
+    def abandoned(self, scope: Scope, start: float) -> None:
+        """The request ended (cancelled: the server shut down) while its body was still
+        arriving: counted and logged as the request context does (a 500, the request id
+        left set, as for any failure)."""
+        REQUEST_ID.set(request_id_from(scope["headers"]))
+        scope["route"] = self.hot.route
+        self.context.record(scope, 500, start)
+
+    async def serve(
+        self, scope: Scope, body: bytes, receive: Receive, send: Send, start: float
+    ) -> bool:
+        """Answer the request (``start``: ``time.perf_counter()`` when its handling began,
+        before its body arrived), or return False having done nothing (see above)."""
         limit = self.limit
         if limit is not None and len(body) > limit:
             return False  # the request context's 413, from the whole stack
         request_id = request_id_from(scope["headers"])
         token = REQUEST_ID.set(request_id)
-        start = time.perf_counter()
         hot = self.hot
         scope["route"] = hot.route  # the metrics' and access log's label: the template
         request = hot.request_class(scope, receive, send)
@@ -186,7 +199,9 @@ class DirectRoute:
                     return True
             else:
                 if response is None:
+                    # The app answers it: FastAPI's validation, the fast path not run again.
                     del scope["route"]
+                    scope[FAST_PATH_DECLINED] = True
                     REQUEST_ID.reset(token)
                     return False
             started = True

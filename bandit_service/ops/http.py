@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from bandit_service.ops import metrics
 from bandit_service.ops.ids import random_hex
 from bandit_service.ops.logs import REQUEST_ID
+from bandit_service.ops.protocol import STARTED
 
 log = logging.getLogger("bandit_service.http")
 
@@ -98,7 +99,9 @@ class RequestContext:
                 over = over or (value.isdigit() and int(value) > limit)
         request_id = request_id or random_hex()  # uuid4().hex's format (ops/ids.py)
         token = REQUEST_ID.set(request_id)
-        start = time.perf_counter()
+        # A request the server's protocol held while its body arrived (ops/protocol.py)
+        # is timed from when it began waiting, as it would have been here.
+        start = scope.get(STARTED) or time.perf_counter()
         status = 500
         echoed = (HEADER, request_id.encode())
         # Set once the body passes the limit: whatever the app then answers (frameworks

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from typing import TYPE_CHECKING, Any
 
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -58,6 +59,10 @@ else:
     ) and hasattr(HttpToolsProtocol, "_start_asgi_task")
 
 PROTOCOL = "bandit_service.ops.protocol:CoalescingHttpToolsProtocol"
+# Scope key: ``time.perf_counter()`` when a request's handling began, set when the
+# protocol waited for its body before handing it to the app (the request context,
+# ``ops/http.py``, times it from then, as it would have).
+STARTED = "bandit.started"
 # Bodies above this are written after the head instead of being copied behind it.
 _JOIN_LIMIT = 64 * 1024
 
@@ -170,26 +175,34 @@ if AVAILABLE:
 
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
             cycle = self._cycle
-            limit = self._route.limit
+            route = self._route
+            limit = route.limit
+            start = time.perf_counter()  # the request context's clock starts here
             # The body, as ``receive`` would gather it (the app's first step on these
             # routes is to read it whole), up to the request context's limit.
-            while cycle.more_body and not cycle.disconnected:
-                if limit is not None and len(cycle.body) > limit:
-                    break
-                cycle.flow.resume_reading()
-                await cycle.message_event.wait()
-                cycle.message_event.clear()
+            try:
+                while cycle.more_body and not cycle.disconnected:
+                    if limit is not None and len(cycle.body) > limit:
+                        break
+                    cycle.flow.resume_reading()
+                    await cycle.message_event.wait()
+                    cycle.message_event.clear()
+            except BaseException:  # cancelled (a shutdown's deadline): counted as the app
+                route.abandoned(scope, start)
+                raise
             if cycle.more_body or cycle.disconnected or cycle.response_complete:
                 cycle.message_event.set()  # the app's ``receive`` takes it from here
+                scope[STARTED] = start
                 await self._app(scope, receive, send)
                 return
             cycle.flow.resume_reading()
             cycle.message_event.clear()
             raw = cycle.body
             cycle.body = b""  # type: ignore[assignment]
-            if not await self._route.serve(scope, bytes(raw), receive, send):
+            if not await route.serve(scope, bytes(raw), receive, send, start):
                 cycle.body = raw  # as it was: the app reads it
                 cycle.message_event.set()
+                scope[STARTED] = start
                 await self._app(scope, receive, send)
 
     _FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto")

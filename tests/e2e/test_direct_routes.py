@@ -27,10 +27,13 @@ import pytest
 
 from bandit_service.api import hot_routes
 from bandit_service.app import BanditApp
-from bandit_service.ops import protocol
+from bandit_service.ops import metrics, protocol
 from tests.e2e.test_hot_routes import JSON, TABLE, _answer, _app, _counted, _decision
 
 pytestmark = pytest.mark.skipif(not protocol.AVAILABLE, reason="uvicorn's httptools protocol")
+
+
+_SERVERS: dict[int, Any] = {}  # port: its uvicorn server (to stop one in a test)
 
 
 class _Spy:
@@ -49,14 +52,16 @@ class _Spy:
 
 
 @contextmanager
-def _serving(app: BanditApp, http: Any) -> Iterator[int]:
+def _serving(app: BanditApp, http: Any, **config: Any) -> Iterator[int]:
     import uvicorn
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port: int = sock.getsockname()[1]
-    config = uvicorn.Config(app, http=http, log_level="critical", lifespan="on")
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(
+        uvicorn.Config(app, http=http, log_level="critical", lifespan="on", **config)
+    )
+    _SERVERS[port] = server
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -293,3 +298,91 @@ def test_a_failure_is_answered_and_logged_as_through_the_app(
 def test_json_header_table_entries_are_hot() -> None:
     """The table above really posts JSON to the hot routes (a guard for the spy's count)."""
     assert sum(1 for r in TABLE if r[2] is JSON and r[1].startswith("/v1/decisions")) >= 15
+
+
+def _seconds(route: str = "/v1/decisions") -> tuple[float, float]:
+    """(count, sum) of the request-latency histogram for POST ``route``."""
+    count = total = 0.0
+    for family in metrics.REQUEST_SECONDS.collect():
+        for sample in family.samples:
+            if sample.labels.get("route") != route or sample.labels["method"] != "POST":
+                continue
+            if sample.name.endswith("_count"):
+                count += sample.value
+            elif sample.name.endswith("_sum"):
+                total += sample.value
+    return count, total
+
+
+@pytest.mark.parametrize("then_close", [False, True])
+def test_latency_counts_the_time_the_body_took_to_arrive(
+    tmp_path: Path, policies_dir: Path, monkeypatch: pytest.MonkeyPatch, then_close: bool
+) -> None:
+    """A body that comes in two parts 0.4 s apart (or whose client leaves after its first
+    part): the request is timed from its start on both paths, as the request context
+    times it through ASGI."""
+    spy = _Spy(monkeypatch)
+    body = _post("/v1/decisions", _decision(event_id="slow-1"))
+    parts = [body[:-10]] if then_close else [body[:-10], body[-10:]]
+    with _servers(tmp_path, policies_dir) as (_apps, direct, plain):
+        for port in (direct, plain):
+            count, total = _seconds()
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                conn.sendall(parts[0])
+                time.sleep(0.4)
+                if not then_close:
+                    conn.sendall(parts[1])
+                    assert conn.recv(65536).startswith(b"HTTP/1.1 200 ")
+            deadline = time.monotonic() + 5
+            while _seconds()[0] == count:  # a closed client's request ends a bit later
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            after_count, after_total = _seconds()
+            assert after_count == count + 1
+            assert after_total - total >= 0.4, (port == direct, after_total - total)
+    assert spy.served == (0 if then_close else 1)
+
+
+def test_a_request_cut_off_by_shutdown_is_counted_as_through_the_app(
+    tmp_path: Path, policies_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown's deadline cancels a request whose body never completes: a 500, counted
+    under its route, on both paths."""
+    body = _post("/v1/decisions", _decision(event_id="cut-1"))
+    deltas = []
+    for name, http in (("direct", protocol.PROTOCOL), ("plain", "httptools")):
+        app = _app(tmp_path, policies_dir, name)
+        before = _counted("POST")
+        with _serving(app, http, timeout_graceful_shutdown=1) as port:
+            conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+            conn.sendall(body[:-10])
+            time.sleep(0.3)
+            _SERVERS[port].should_exit = True
+            time.sleep(2.0)
+            conn.close()
+        after = _counted("POST")
+        deltas.append({k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k)})
+    assert deltas[0] == deltas[1] == {("/v1/decisions", "500"): 1.0}, deltas
+
+
+def test_a_declined_request_runs_the_fast_path_once(
+    tmp_path: Path, policies_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body the fast path declines goes to FastAPI's validation without being decoded by
+    the fast path a second time."""
+    from bandit_service.api import routes
+
+    decoded: list[bytes] = []
+    real = routes.decode_decision
+
+    def counting(body: bytes) -> Any:
+        decoded.append(body)
+        return real(body)
+
+    monkeypatch.setattr(routes, "decode_decision", counting)
+    with _servers(tmp_path, policies_dir) as (_apps, direct, plain):
+        for port in (direct, plain):
+            decoded.clear()
+            raw = _exchange(port, [_post("/v1/decisions", b'{"candidates": [')])
+            assert raw.startswith(b"HTTP/1.1 400 "), raw
+            assert len(decoded) == 1, (port == direct, len(decoded))
