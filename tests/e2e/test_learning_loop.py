@@ -5,6 +5,13 @@ segment s click the article on topic s with probability 0.9 and any other with 0
 policy that cannot personalise stays near uniform (1/4 per candidate); a learned one puts
 1 - epsilon + epsilon/4 = 0.925 on the best candidate. Requests go out 25 at a time, as
 concurrent users would send them (and so that group commit batches them).
+
+4,000 events: with 2,000, the untrained model's greedy arm (the first candidate, sports,
+for every user) left the sports segment's best article below 0.8 in about one run of
+three (the same seeds: which model serves which request depends on the trainer's
+timing); VW's importance-weighted updates from explorations of probability 0.025 need
+more of them. ``benchmarks/learning_loop_runs.py`` counts it: 2,000 events, 11 of 16 runs
+learned every segment; 4,000 events, 18 of 18 (docs/performance.md, session 8).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from bandit_service.app import create_app
 from bandit_service.config import Settings
 from tests.e2e.asgi import asgi_client
 
-EVENTS = 2000
+EVENTS = 4000
 CONCURRENCY = 25
 TOPICS = ["sports", "news", "food", "travel"]
 CANDIDATES = [{"id": f"article-{t}", "features": {"topic": t}} for t in TOPICS]
