@@ -189,7 +189,18 @@ def main() -> None:
     if args.child:
         print(json.dumps(_one_round(args)))
         return
-    variants = {"current": None}
+    heading = f"{args.workload}, {args.concurrency} in flight, {args.requests} requests a round"
+    alternate_rounds(args, __file__, "decision", heading)
+
+
+def alternate_rounds(
+    args: argparse.Namespace, script: str, unit: str, heading: str, show_load: bool = False
+) -> None:
+    """Run ``script --child`` (one measured round, figures as JSON on its last line) for
+    ``args.rounds`` rounds, the ``--compare-src`` package and this one alternating, each
+    round a fresh subprocess; print every round, the medians and the per-round ratios.
+    ``unit``: what one request is (decision, reward)."""
+    variants: dict[str, Path | None] = {"current": None}
     if args.compare_src:
         variants = {"base": args.compare_src.resolve(), "current": None}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
@@ -200,17 +211,17 @@ def main() -> None:
             env = dict(os.environ)
             if source is not None:
                 env["PYTHONPATH"] = str(source)
-            command = [sys.executable, __file__, "--child", *sys.argv[1:]]
+            command = [sys.executable, script, "--child", *sys.argv[1:]]
             out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
             figures = json.loads(out.stdout.strip().splitlines()[-1])
             results[name].append(figures)
             server = f", PostgreSQL {figures['server_us']:6.0f} µs" if args.pg_url else ""
-            print(f"round {round_number + 1} {name:8s} {figures['cpu_us']:8.0f} µs CPU/decision"
-                  f"{server} {figures['rate']:7.0f}/s", flush=True)  # fmt: skip
-    print(f"\n{args.workload}, {args.concurrency} in flight, {args.requests} requests a round, "
-          f"medians of {args.rounds} rounds:")  # fmt: skip
+            load = f"  (load {os.getloadavg()[0]:.2f})" if show_load else ""
+            print(f"round {round_number + 1} {name:8s} {figures['cpu_us']:8.0f} µs CPU/{unit}"
+                  f"{server} {figures['rate']:7.0f}/s{load}", flush=True)  # fmt: skip
+    print(f"\n{heading}, medians of {args.rounds} rounds:")
     for name, rows in results.items():
         cpu = statistics.median(r["cpu_us"] for r in rows)
         rate = statistics.median(r["rate"] for r in rows)
@@ -218,7 +229,7 @@ def main() -> None:
         if args.pg_url:
             median_server = statistics.median(r["server_us"] for r in rows)
             server = f" + {median_server:6.0f} µs in PostgreSQL backends"
-        print(f"  {name:8s} {cpu:8.0f} µs CPU/decision{server}  {rate:7.0f} decisions/s "
+        print(f"  {name:8s} {cpu:8.0f} µs CPU/{unit}{server}  {rate:7.0f} {unit}s/s "
               "(one process)")  # fmt: skip
     if args.compare_src:
         ratios = [
@@ -227,7 +238,7 @@ def main() -> None:
         ]
         listed = ", ".join(f"{r:.2f}" for r in ratios)
         median = statistics.median(ratios)
-        print(f"  current / base CPU per decision, per round: {listed}; median {median:.2f}")
+        print(f"  current / base CPU per {unit}, per round: {listed}; median {median:.2f}")
 
 
 if __name__ == "__main__":

@@ -21,9 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -156,7 +153,7 @@ def _one_round(args: argparse.Namespace) -> dict[str, float]:
 
 
 def main() -> None:
-    from decide_cpu import _empty_log
+    from decide_cpu import alternate_rounds
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, default=64)
@@ -170,46 +167,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(_one_round(args)))
         return
-    variants = {"current": None}
-    if args.compare_src:
-        variants = {"base": args.compare_src.resolve(), "current": None}
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
-    for round_number in range(args.rounds):
-        for name, source in variants.items():
-            if args.pg_url:
-                _empty_log(args.pg_url)
-            env = dict(os.environ)
-            if source is not None:
-                env["PYTHONPATH"] = str(source)
-            command = [sys.executable, __file__, "--child", *sys.argv[1:]]
-            out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-            if out.returncode != 0:
-                raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
-            figures = json.loads(out.stdout.strip().splitlines()[-1])
-            results[name].append(figures)
-            server = f", PostgreSQL {figures['server_us']:6.0f} µs" if args.pg_url else ""
-            print(f"round {round_number + 1} {name:8s} {figures['cpu_us']:8.0f} µs CPU/reward"
-                  f"{server} {figures['rate']:7.0f}/s  (load {os.getloadavg()[0]:.2f})",
-                  flush=True)  # fmt: skip
-    print(f"\nreward, {args.concurrency} in flight, {args.requests} rewards a round, "
-          f"medians of {args.rounds} rounds:")  # fmt: skip
-    for name, rows in results.items():
-        cpu = statistics.median(r["cpu_us"] for r in rows)
-        rate = statistics.median(r["rate"] for r in rows)
-        server = ""
-        if args.pg_url:
-            median_server = statistics.median(r["server_us"] for r in rows)
-            server = f" + {median_server:6.0f} µs in PostgreSQL backends"
-        print(f"  {name:8s} {cpu:8.0f} µs CPU/reward{server}  {rate:7.0f} rewards/s "
-              "(one process)")  # fmt: skip
-    if args.compare_src:
-        ratios = [
-            c["cpu_us"] / b["cpu_us"]
-            for b, c in zip(results["base"], results["current"], strict=True)
-        ]
-        listed = ", ".join(f"{r:.2f}" for r in ratios)
-        median = statistics.median(ratios)
-        print(f"  current / base CPU per reward, per round: {listed}; median {median:.2f}")
+    heading = f"reward, {args.concurrency} in flight, {args.requests} rewards a round"
+    alternate_rounds(args, __file__, "reward", heading, show_load=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import re
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -29,11 +28,9 @@ from bandit_service.api import hot_routes
 from bandit_service.app import BanditApp
 from bandit_service.ops import metrics, protocol
 from tests.e2e.test_hot_routes import JSON, TABLE, _answer, _app, _counted, _decision
+from tests.e2e.test_request_protocol import SERVERS, serving
 
 pytestmark = pytest.mark.skipif(not protocol.AVAILABLE, reason="uvicorn's httptools protocol")
-
-
-_SERVERS: dict[int, Any] = {}  # port: its uvicorn server (to stop one in a test)
 
 
 class _Spy:
@@ -51,29 +48,9 @@ class _Spy:
         monkeypatch.setattr(hot_routes.DirectRoute, "serve", serve)
 
 
-@contextmanager
-def _serving(app: BanditApp, http: Any, **config: Any) -> Iterator[int]:
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port: int = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, http=http, log_level="critical", lifespan="on", **config)
-    )
-    _SERVERS[port] = server
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.01)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
+def _serving(app: BanditApp, http: Any, **config: Any) -> Any:
+    """The service's app under uvicorn in a thread, started (its lifespan on)."""
+    return serving(http, app, lifespan="on", **config)
 
 
 @contextmanager
@@ -357,7 +334,7 @@ def test_a_request_cut_off_by_shutdown_is_counted_as_through_the_app(
             conn = socket.create_connection(("127.0.0.1", port), timeout=5)
             conn.sendall(body[:-10])
             time.sleep(0.3)
-            _SERVERS[port].should_exit = True
+            SERVERS[port].should_exit = True
             time.sleep(2.0)
             conn.close()
         after = _counted("POST")

@@ -61,18 +61,24 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+SERVERS: dict[int, Any] = {}  # port: the uvicorn server on it (a test may stop one)
+
+
 @contextmanager
-def serving(http: Any) -> Iterator[int]:
+def serving(http: Any, served: Any = app, **config: Any) -> Iterator[int]:
+    """``served`` (this module's raw app by default) under uvicorn in a thread, with the
+    protocol ``http`` and any other uvicorn ``config``, on a free port (yielded)."""
     import uvicorn
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, http=http, log_level="critical", lifespan="off")
-    server = uvicorn.Server(config)
+    port: int = sock.getsockname()[1]
+    options = {"log_level": "critical", "lifespan": "off", **config}
+    server = uvicorn.Server(uvicorn.Config(served, http=http, **options))
+    SERVERS[port] = server
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 20
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive()
         time.sleep(0.01)
@@ -80,8 +86,9 @@ def serving(http: Any) -> Iterator[int]:
         yield port
     finally:
         server.should_exit = True
-        thread.join(10)
+        thread.join(20)
         sock.close()
+        del SERVERS[port]
 
 
 def exchange(port: int, raw: bytes) -> bytes:
