@@ -5,7 +5,7 @@ request's ``excluded`` and the policy's ``exclude_if`` filters), minus pinned ca
 (they have their own slot), minus those placed in slots ``0..k-1``, minus those a
 diversity cap forbids now or that would leave the remaining slots unfillable. The learner
 gives a distribution over them, rules reweight or mix it (see ``bandit_service/rules.py``),
-the engine draws with a generator seeded by the event id, and the logged probability is
+the engine draws with uniforms determined by the event id, and the logged probability is
 that final distribution's value for the drawn candidate: P(candidate | context, earlier
 slots, pins, rules). Pinned slots are logged with probability 1 and ``explored: false``.
 """
@@ -92,10 +92,10 @@ class DecisionEngine:
         if policy.rules.reweights and not holdout:  # the clock serves reweighting only
             now = self._clock()
             weights = [policy.rules.weight(c.features, now) for c in candidates]
-        # Only online draws use the generator (seeded by the event id): holdout and
-        # baseline slots are deterministic.
+        # Only online draws use the event's uniforms (determined by the event id):
+        # holdout and baseline slots are deterministic.
         uniform = (
-            sampling.event_rng(request.event_id).random
+            sampling.event_uniforms(request.event_id)
             if not holdout and not policy.serves_baseline
             else None
         )
