@@ -6,9 +6,10 @@ from a script, a simulator or a test without a server.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
 
 FeatureScalar = str | bool | int | float
 FeatureValue = FeatureScalar | Sequence[str]
@@ -19,13 +20,73 @@ Features = Mapping[str, Any]
 # decisions show the popularity ranking and are never learned from (issue 10).
 Arm = Literal["bandit", "holdout", "opted_out"]
 
+_Frozen = TypeVar("_Frozen")
 
+
+class _FactoryDefault:
+    """The default of a field whose default comes from its factory (shown as the
+    generated ``__init__`` shows it)."""
+
+    def __repr__(self) -> str:
+        return "<factory>"
+
+
+_FACTORY = _FactoryDefault()
+
+
+def _cheap_init(cls: type[_Frozen]) -> type[_Frozen]:
+    """Give a frozen dataclass an ``__init__`` that stores its fields in the instance's
+    ``__dict__`` directly, with the generated one's signature, defaults and factories.
+
+    Why: a frozen dataclass's generated ``__init__`` sets each field with
+    ``object.__setattr__`` (the class's own ``__setattr__`` refuses), a call per field:
+    ~0.9 µs for a ``Decision`` and ~1.1 µs for a ``DecisionRequest``, about a third of
+    that this way (timeit); a 50 x 1 decision builds four such objects. Everything else
+    is the dataclass's own and unchanged: assigning or deleting a field still raises
+    ``FrozenInstanceError``, equality, hashing, ``repr``, ``dataclasses.replace`` and
+    copying are as before (tests/unit/test_engine_cpu_domain.py). Only for classes
+    whose fields all go through ``__init__`` positionally, without ``__post_init__``:
+    anything else is refused here rather than built differently.
+    """
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    if (
+        not cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
+        or hasattr(cls, "__post_init__")
+        or "__slots__" in cls.__dict__
+        or any(not f.init or f.kw_only or isinstance(f.type, dataclasses.InitVar) for f in fields)
+    ):
+        raise TypeError(f"{cls.__name__}: not a plain frozen dataclass")
+    env: dict[str, Any] = {"_FACTORY": _FACTORY}
+    params, body = [], []
+    for f in fields:
+        if f.default is not dataclasses.MISSING:
+            env[f"_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_default_{f.name}")
+        elif f.default_factory is not dataclasses.MISSING:
+            env[f"_factory_{f.name}"] = f.default_factory
+            params.append(f"{f.name}=_FACTORY")
+            body.append(f"    if {f.name} is _FACTORY:\n        {f.name} = _factory_{f.name}()")
+        else:
+            params.append(f.name)
+    body.append("    values = self.__dict__")
+    body.extend(f"    values[{f.name!r}] = {f.name}" for f in fields)
+    source = f"def __init__(self, {', '.join(params)}) -> None:\n" + "\n".join(body)
+    exec(source, env)  # built from the class's own field names only
+    init: Callable[..., None] = env["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__module__ = cls.__module__
+    cls.__init__ = init  # type: ignore[method-assign]
+    return cls
+
+
+@_cheap_init
 @dataclass(frozen=True)
 class Candidate:
     id: str
     features: Features = field(default_factory=dict)
 
 
+@_cheap_init
 @dataclass(frozen=True)
 class Slot:
     """A ranked position. ``baseline`` is what apprentice/logging-only policies show here."""
@@ -36,6 +97,8 @@ class Slot:
     excluded: frozenset[str] = frozenset()  # candidates never shown in this slot
 
 
+@_cheap_init
+@_cheap_init
 @dataclass(frozen=True)
 class DecisionRequest:
     """What a caller asks: fill ``slots`` in order from ``candidates`` for this context."""
@@ -118,6 +181,8 @@ class Distribution(Sequence[list[Any]]):
         return f"Distribution({self.classic()!r})"
 
 
+@_cheap_init
+@_cheap_init
 @dataclass(frozen=True)
 class SlotChoice:
     """One filled slot: what was shown, with the exact probability it was drawn with.
@@ -143,6 +208,7 @@ class SlotChoice:
         return tuple((cid, p) for cid, p in self.distribution)
 
 
+@_cheap_init
 @dataclass(frozen=True)
 class Decision:
     event_id: str
@@ -161,7 +227,8 @@ class Decision:
 def slot_list(count_or_slots: int | Sequence[Slot]) -> tuple[Slot, ...]:
     """Normalise ``slots`` as given in a request: a count becomes ids ``"0"``, ``"1"``, …"""
     if isinstance(count_or_slots, int):
-        return tuple(Slot(id=str(i)) for i in range(count_or_slots))
+        # Positional, from a list: cheaper than keywords and a generator (every request).
+        return tuple([Slot(str(i)) for i in range(count_or_slots)])
     return tuple(count_or_slots)
 
 

@@ -125,17 +125,14 @@ class DecisionEngine:
                 chosen, pmf, explored = self._draw(
                     policy, scorer, k, slot, allowed, all_ids, weights, popularity, uniform
                 )
+            # Positional (slot, slot_id, id, probability, explored, distribution,
+            # model_id): keywords cost ~0.3 µs more a slot.
             choices.append(
                 SlotChoice(
-                    slot=k,
-                    slot_id=slot.id,
-                    id=all_ids[allowed[chosen]],
-                    probability=pmf[chosen],
-                    explored=explored,
-                    distribution=Distribution(all_ids, allowed, pmf),
-                    model_id=model_id,
+                    k, slot.id, all_ids[allowed[chosen]], pmf[chosen], explored,
+                    Distribution(all_ids, allowed, pmf), model_id,
                 )
-            )
+            )  # fmt: skip
             page.place(allowed[chosen])
         return Decision(
             event_id=request.event_id,
