@@ -497,7 +497,19 @@ class _VWScorer:
                     return batch
                 self._batch = None  # positions changed: never reuse this batch with them
         positions = list(eligible)
-        batch = [None]
-        batch += [kept[i] for i in positions]
+        if len(positions) == len(kept) and positions == _every_position(len(kept)):
+            # Every candidate (a page's first slot without exclusions, pins or caps: most
+            # slots): the list copied in C, ~1.3 µs less for 50 candidates than listing
+            # them by position (timeit), the same list.
+            batch = [None, *kept]
+        else:
+            batch = [None]
+            batch += [kept[i] for i in positions]
         self._batch, self._positions = batch, positions
         return batch
+
+
+@functools.lru_cache(maxsize=64)
+def _every_position(count: int) -> list[int]:
+    """``list(range(count))``, kept to compare positions with (never mutated)."""
+    return list(range(count))
