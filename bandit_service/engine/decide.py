@@ -66,9 +66,10 @@ class DecisionEngine:
         all_ids = _candidate_ids(candidates)
         if not request.slots:
             raise InvalidRequest("at least one slot is required", "slots")
-        slot_ids = [slot.id for slot in request.slots]
-        if len(set(slot_ids)) != len(slot_ids):
-            raise InvalidRequest(f"slot ids must be unique, got {slot_ids}", "slots")
+        if len(request.slots) > 1:  # (one slot's id is unique: no list and set built)
+            slot_ids = [slot.id for slot in request.slots]
+            if len(set(slot_ids)) != len(slot_ids):
+                raise InvalidRequest(f"slot ids must be unique, got {slot_ids}", "slots")
         page = _Page.plan(policy, request)
         learner = self._learner_for(policy.name)
         # The holdout measures the *learned* policy; apprentice and logging-only policies
