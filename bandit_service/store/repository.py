@@ -199,7 +199,10 @@ def insert_decisions(
         candidates = row["candidates"]
         key, text = compact.candidate_set(candidates)
         sets[key] = text
-        out = {k: v for k, v in row.items() if k != "candidates"}
+        # A copy less "candidates", keys in order (~0.25 µs; a filtering comprehension
+        # took ~1.1 for a decision's 14 columns).
+        out = row.copy()
+        del out["candidates"]
         out["candidate_set"] = key
         out.setdefault("context_line", None)  # rows built without a learner's rendering
         out["slots"] = compact.compact_row_slots(row["slots"], candidates)
@@ -372,12 +375,13 @@ def _append_decisions(
     dumps = orjson.dumps
     with _driver_connection(session) as raw:
         if dialect == "postgresql":
+            text_array = _pg_array_types()["text"]
             arrays = [
-                [dumps(out[name]).decode() for out in stored]
+                text_array([dumps(out[name]).decode() for out in stored])
                 if name in _JSON_COLUMNS
                 else _pg_array(name, [out[name] for out in stored])
                 for name in columns
-            ] + [[value] * len(stored) for _name, value in extra]
+            ] + [_pg_array(name, [value] * len(stored)) for name, value in extra]
             _append_postgresql(raw, candidate_sets, names, arrays, ends_transaction)
             return True
         encoders = [(name, name in _JSON_COLUMNS) for name in columns]
@@ -511,11 +515,10 @@ _PG_ELEMENT = {"int4": int, "float8": float, "bool": bool}
 
 
 def _pg_array(name: str, values: list[Any]) -> list[Any]:
-    """One column's values, each of the Python type its array is dumped as: psycopg
-    picks an array's binary type from its elements, and an integer ``created_at`` (COPY
-    would have parsed its text as a float) must not make an integer array."""
-    convert = _PG_ELEMENT.get(_PG_ARRAY_TYPES.get(name, "text"), str)
-    return [v if v is None or type(v) is convert else convert(v) for v in values]
+    """One column's values, each of the Python type its array is dumped as (an integer
+    ``created_at``, which COPY would have parsed as text, is sent as the float it is
+    stored as), in a list whose class names the array's type (store/pg_arrays.py)."""
+    return _pg_typed(_PG_ARRAY_TYPES.get(name, "text"), values)
 
 
 @functools.cache
@@ -666,12 +669,24 @@ def _append_rewards(session: Session, dialect: str, rows: Sequence[dict[str, Any
     return inserted
 
 
+@functools.cache
+def _pg_array_types() -> dict[str, type[list[Any]]]:
+    """``pg_arrays.ARRAY_TYPES``, imported on first use: psycopg is not imported by
+    processes that only ever use SQLite."""
+    from bandit_service.store.pg_arrays import ARRAY_TYPES
+
+    return ARRAY_TYPES
+
+
 def _pg_typed(kind: str, values: list[Any]) -> list[Any]:
-    """One column's values, each of the Python type its array is dumped as (psycopg picks
-    a list's binary type from its elements: an integer ``value`` must not make an integer
-    array, nor one float make the rest mismatched)."""
+    """One column's values, each of the Python type its array is dumped as (an integer
+    ``value`` is sent as a float, a float ``slot`` as an integer), in a list whose class
+    names the array's type ``kind[]``: psycopg then neither scans the list for its
+    elements' types nor picks a type by value (store/pg_arrays.py)."""
     convert = _PG_ELEMENT.get(kind, str)
-    return [v if v is None or type(v) is convert else convert(v) for v in values]
+    return _pg_array_types()[kind](
+        [v if v is None or type(v) is convert else convert(v) for v in values]
+    )
 
 
 def lock_event_ids(session: Session, event_ids: Iterable[str]) -> None:
