@@ -4,7 +4,8 @@ values stored must be exactly those of the plain lists it replaces -- for every 
 type, with NULLs, an all-NULL column, integers where floats are stored and the other way
 round, and a model version too large for the ``int2`` psycopg used to pick -- and a
 connection that never got the dumpers must send the same values (the class then falls
-back to ``list``'s own dumper)."""
+back to ``list``'s own dumper). The usual append's cursor is kept per DBAPI connection
+(``repository._append_cursor``) and must survive a statement the server refuses."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import psycopg
 import pytest
 from psycopg.types.array import ListBinaryDumper
 from sqlalchemy import Engine, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from bandit_service.store import pg_arrays, repository
+from bandit_service.store import compact, pg_arrays, repository
 from bandit_service.store.database import make_engine
-from bandit_service.store.models import RewardRow
+from bandit_service.store.models import DecisionRow, RewardRow
 from bandit_service.store.writer import BatchWriter, _Write
 
 CANDIDATES = [{"id": "a", "features": {"x": 1}}, {"id": "b", "features": {"x": 2}}]
@@ -158,3 +160,44 @@ def test_a_connection_without_the_dumpers_sends_the_same(
     expected = [None if v is None else {"float8": float, "int4": int}.get(kind, type(v))(v)
                 for v in values]  # fmt: skip
     assert sent == as_list == fallback == expected
+
+
+@pytest.mark.postgres
+def test_the_append_cursor_is_kept_per_connection_and_survives_a_failed_append(
+    db: Engine,
+) -> None:
+    """The usual append (no set to send) reuses one cursor per DBAPI connection; a
+    statement the server refuses on it leaves it usable; it goes with its connection."""
+    if db.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL only")
+    key = compact.candidate_set(CANDIDATES)[0]
+    other = [{"id": "z", "features": {}}]
+    known = repository.StoredSets()
+    known.add([key, compact.candidate_set(other)[0]])  # the second one is not stored
+    with db.connect() as connection:
+        with connection.begin():  # sends the set: the pipelined path
+            repository.insert_decisions(connection, [decision("c1")], ends_transaction=True)
+        cursors = []
+        for event_id in ("c2", "c3"):
+            with connection.begin():
+                repository.insert_decisions(
+                    connection, [decision(event_id)], stored_sets=known, ends_transaction=True
+                )
+            cursors.append(connection.connection.info[repository._APPEND_CURSOR])
+        assert cursors[0] is cursors[1] and not cursors[0].closed
+        with pytest.raises(IntegrityError), connection.begin():  # the foreign key refuses it
+            repository.insert_decisions(
+                connection, [decision("c4", candidates=other)], stored_sets=known,
+                ends_transaction=True,
+            )  # fmt: skip
+        with connection.begin():
+            repository.insert_decisions(
+                connection, [decision("c5")], stored_sets=known, ends_transaction=True
+            )
+        assert connection.connection.info[repository._APPEND_CURSOR] is cursors[0]
+        assert connection.connection.driver_connection.autocommit is False
+        connection.invalidate()
+        assert repository._APPEND_CURSOR not in connection.connection.info
+    with Session(db) as session:
+        stored = set(session.scalars(select(DecisionRow.event_id)))
+    assert stored == {"c1", "c2", "c3", "c5"}
