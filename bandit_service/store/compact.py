@@ -284,7 +284,9 @@ def _compact_slot(
     n = len(positions)
     listed = positions if type(positions) is list else list(positions)
     contiguous = positions[-1] == first + n - 1 and listed == list(range(first, first + n))
-    compact = {k: v for k, v in slot.items() if k != "pmf"}
+    # A copy less "pmf", keys in order (~0.2 µs; a filtering comprehension took ~0.5).
+    compact = dict(slot)
+    compact.pop("pmf", None)
     compact["eligible"] = [first, first + n] if contiguous else runs(listed)
     repeated = probability_runs(probabilities)
     if repeated is not None:

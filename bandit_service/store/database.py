@@ -53,6 +53,10 @@ def make_engine(url: str, *, background_checkpoints: bool = False, **kwargs: Any
             cursor.close()
 
         return engine
+    # The append's typed column arrays (store/pg_arrays.py): their dumpers go on psycopg's
+    # global adapters, which each connection copies when it is made, so before any is.
+    from bandit_service.store import pg_arrays  # noqa: F401
+
     kwargs.setdefault("pool_size", 8)
     kwargs.setdefault("max_overflow", 8)
     kwargs.setdefault("pool_pre_ping", True)

@@ -199,7 +199,10 @@ def insert_decisions(
         candidates = row["candidates"]
         key, text = compact.candidate_set(candidates)
         sets[key] = text
-        out = {k: v for k, v in row.items() if k != "candidates"}
+        # A copy less "candidates", keys in order (~0.25 µs; a filtering comprehension
+        # took ~1.1 for a decision's 14 columns).
+        out = row.copy()
+        del out["candidates"]
         out["candidate_set"] = key
         out.setdefault("context_line", None)  # rows built without a learner's rendering
         out["slots"] = compact.compact_row_slots(row["slots"], candidates)
@@ -228,6 +231,10 @@ def insert_decisions(
     serialize_log_appends(session)
     session.execute(_INSERT_DECISIONS, stored)
     return list(sets)
+
+
+def _sa_connection(session: Session | Connection) -> Connection:
+    return session.connection() if isinstance(session, Session) else session
 
 
 def _dialect_name(session: Session | Connection) -> str:
@@ -372,13 +379,15 @@ def _append_decisions(
     dumps = orjson.dumps
     with _driver_connection(session) as raw:
         if dialect == "postgresql":
+            text_array = _pg_array_types()["text"]
             arrays = [
-                [dumps(out[name]).decode() for out in stored]
+                text_array([dumps(out[name]).decode() for out in stored])
                 if name in _JSON_COLUMNS
                 else _pg_array(name, [out[name] for out in stored])
                 for name in columns
-            ] + [[value] * len(stored) for _name, value in extra]
-            _append_postgresql(raw, candidate_sets, names, arrays, ends_transaction)
+            ] + [_pg_array(name, [value] * len(stored)) for name, value in extra]
+            kept = _sa_connection(session).connection.info  # per DBAPI connection
+            _append_postgresql(raw, candidate_sets, names, arrays, ends_transaction, kept)
             return True
         encoders = [(name, name in _JSON_COLUMNS) for name in columns]
         tail = [value for _name, value in extra]
@@ -405,6 +414,7 @@ def _append_postgresql(
     names: list[str],
     arrays: list[list[Any]],
     ends_transaction: bool,
+    kept: dict[Any, Any] | None = None,
 ) -> None:
     """PostgreSQL: the candidate sets not known stored, then every row in one statement
     (``INSERT ... SELECT FROM unnest(arrays)``, one array per column, in binary) that
@@ -453,7 +463,7 @@ def _append_postgresql(
     a batch 0.54 -> 0.45 ms; d500x5 the same within the noise (a run of 5 rounds: at 16
     ~167 / ~77 became ~150 / ~65)."""
     if ends_transaction and not candidate_sets and raw.pgconn.transaction_status == _IDLE:
-        _append_alone(raw, names, arrays)
+        _append_alone(raw, names, arrays, kept)
         return
     begin_here = ends_transaction and raw.pgconn.transaction_status == _IDLE
     cursor = raw.cursor()
@@ -476,7 +486,9 @@ def _append_postgresql(
             raw.autocommit = False
 
 
-def _append_alone(raw: Any, names: list[str], arrays: list[list[Any]]) -> None:
+def _append_alone(
+    raw: Any, names: list[str], arrays: list[list[Any]], kept: dict[Any, Any] | None = None
+) -> None:
     """The append statement alone, committed by itself (an idle connection, no set to
     send): autocommit mode for the one statement, restored afterwards whatever happens.
 
@@ -486,18 +498,41 @@ def _append_alone(raw: Any, names: list[str], arrays: list[list[Any]]) -> None:
     the statement's CTE before any row's position is drawn, and, being
     transaction-scoped, is released only by the commit at the statement's end, so
     positions still commit in order. The connection is left idle and out of autocommit
-    mode, as SQLAlchemy's transaction expects it: its COMMIT then finds nothing to do."""
-    cursor = raw.cursor()
+    mode, as SQLAlchemy's transaction expects it: its COMMIT then finds nothing to do.
+
+    ``kept``: SQLAlchemy's ``info`` of the DBAPI connection, where the statement's cursor
+    stays from one batch to the next (:func:`_append_cursor`)."""
+    cursor = raw.cursor() if kept is None else _append_cursor(raw, kept)
     raw.autocommit = True
     try:
         cursor.execute(_append_sql(tuple(names)), [_LOG_APPEND_LOCK, *arrays])
     finally:
-        cursor.close()
+        if kept is None:
+            cursor.close()
         if not raw.broken:  # a broken connection is discarded anyway
             if raw.pgconn.transaction_status != _IDLE:  # not expected: a lone statement
                 raw.rollback()
             raw.autocommit = False
 
+
+def _append_cursor(raw: Any, kept: dict[Any, Any]) -> Any:
+    """The append statement's cursor on ``raw``, made once and kept in ``kept`` (the
+    ``info`` SQLAlchemy keeps per DBAPI connection and clears when it closes or
+    invalidates that connection, so the cursor goes with it).
+
+    Why: psycopg keeps a cursor's adaptation state (its ``Transformer``, with the array
+    dumpers it made) while the cursor executes the same query object again (the cached
+    :func:`_append_sql` text), so a kept cursor builds neither a new cursor and adapters
+    map per batch nor a new dumper per column type: ~10-13 µs of client CPU a batch
+    (timeit, warm caches). A cursor is reused after a failed execute, as psycopg allows
+    (each execute starts afresh)."""
+    cursor = kept.get(_APPEND_CURSOR)
+    if cursor is None or cursor.closed or cursor.connection is not raw:
+        cursor = kept[_APPEND_CURSOR] = raw.cursor()
+    return cursor
+
+
+_APPEND_CURSOR = "bandit_service.append_cursor"
 
 _IDLE = 0  # psycopg.pq.TransactionStatus.IDLE (psycopg is imported by SQLAlchemy only)
 
@@ -511,11 +546,10 @@ _PG_ELEMENT = {"int4": int, "float8": float, "bool": bool}
 
 
 def _pg_array(name: str, values: list[Any]) -> list[Any]:
-    """One column's values, each of the Python type its array is dumped as: psycopg
-    picks an array's binary type from its elements, and an integer ``created_at`` (COPY
-    would have parsed its text as a float) must not make an integer array."""
-    convert = _PG_ELEMENT.get(_PG_ARRAY_TYPES.get(name, "text"), str)
-    return [v if v is None or type(v) is convert else convert(v) for v in values]
+    """One column's values, each of the Python type its array is dumped as (an integer
+    ``created_at``, which COPY would have parsed as text, is sent as the float it is
+    stored as), in a list whose class names the array's type (store/pg_arrays.py)."""
+    return _pg_typed(_PG_ARRAY_TYPES.get(name, "text"), values)
 
 
 @functools.cache
@@ -666,12 +700,24 @@ def _append_rewards(session: Session, dialect: str, rows: Sequence[dict[str, Any
     return inserted
 
 
+@functools.cache
+def _pg_array_types() -> dict[str, type[list[Any]]]:
+    """``pg_arrays.ARRAY_TYPES``, imported on first use: psycopg is not imported by
+    processes that only ever use SQLite."""
+    from bandit_service.store.pg_arrays import ARRAY_TYPES
+
+    return ARRAY_TYPES
+
+
 def _pg_typed(kind: str, values: list[Any]) -> list[Any]:
-    """One column's values, each of the Python type its array is dumped as (psycopg picks
-    a list's binary type from its elements: an integer ``value`` must not make an integer
-    array, nor one float make the rest mismatched)."""
+    """One column's values, each of the Python type its array is dumped as (an integer
+    ``value`` is sent as a float, a float ``slot`` as an integer), in a list whose class
+    names the array's type ``kind[]``: psycopg then neither scans the list for its
+    elements' types nor picks a type by value (store/pg_arrays.py)."""
     convert = _PG_ELEMENT.get(kind, str)
-    return [v if v is None or type(v) is convert else convert(v) for v in values]
+    return _pg_array_types()[kind](
+        [v if v is None or type(v) is convert else convert(v) for v in values]
+    )
 
 
 def lock_event_ids(session: Session, event_ids: Iterable[str]) -> None:

@@ -62,7 +62,7 @@ WriteKind = Literal["decision", "reward", "activate"]
 IDLE_RELEASE_SECONDS = 2.0
 
 
-@dataclass
+@dataclass(slots=True)  # one per write: slots make it smaller and quicker to build
 class _Write:
     kind: WriteKind
     payload: dict[str, Any]
@@ -337,12 +337,12 @@ def _resolve(batch: list[_Write], outcomes: list[Any]) -> None:
         future = write.future
         if future.done():  # the request was cancelled; its write was handled all the same
             continue
-        if isinstance(outcome, asyncio.CancelledError):
-            future.cancel()
-        elif isinstance(outcome, BaseException):
-            future.set_exception(outcome)
-        else:
+        if not isinstance(outcome, BaseException):  # the usual case first: one check
             future.set_result(outcome)
+        elif isinstance(outcome, asyncio.CancelledError):
+            future.cancel()
+        else:
+            future.set_exception(outcome)
 
 
 def store_unreachable(exc: BaseException) -> bool:
