@@ -23,7 +23,8 @@ counts and divide the difference (start-up cancels out), e.g. for the package in
 
     PYTHONPATH=DIR valgrind --tool=callgrind --callgrind-out-file=/dev/null \
         .venv/bin/python benchmarks/proto_protocol_cpu.py --child --requests 300 --warmup 200
-    (the same with --requests 1100; (Ir(1100) - Ir(300)) / 800 instructions a request)
+    (the same with --requests 1100; (Ir(1100) - Ir(300)) / 800 instructions a request;
+    for rewards add --workload reward --decisions 1300 to both)
 
 DIR must hold the whole repository (the migrations too), as ``git archive`` makes it.
 """
@@ -159,7 +160,7 @@ async def _measure(url: str, policies: Path, args: argparse.Namespace) -> dict[s
     decisions = _bodies("d50x1", 32)
     async with app.router.lifespan_context(app):
         if args.workload == "reward":
-            total = args.warmup + args.requests
+            total = max(args.warmup + args.requests, args.decisions)
             made = [
                 _request("/v1/decisions", decisions[n % 32][:-1] + b',"event_id":"ev-%d"}' % n)
                 for n in range(total)
@@ -205,6 +206,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--warmup", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--decisions", type=int, default=0,
+                        help="reward: decisions made first (at least warmup + requests); "
+                        "the same for two request counts, to subtract their cost")  # fmt: skip
     parser.add_argument("--compare-src", type=Path, help="the older package, run alternately")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
