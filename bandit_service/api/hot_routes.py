@@ -35,7 +35,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from fastapi import FastAPI
@@ -131,6 +131,13 @@ class HotRoute:
         return None
 
 
+# ``answer(status, headers, body)``: the server sends a whole plain response (the two
+# messages Starlette's ``Response`` sends, ``more_body`` false) in one step, as its
+# ``send`` would have, and returns True; or returns False having done nothing, and the
+# messages are sent (``ops/protocol._CoalescingCycle.answer``).
+Answer = Callable[[int, list[tuple[bytes, bytes]], bytes | memoryview], bool]
+
+
 class DirectRoute:
     """A hot route served without ASGI messages, for the server's own protocol
     (``ops/protocol.py``): a request whose whole body has arrived is answered by the same
@@ -174,10 +181,17 @@ class DirectRoute:
         self.context.record(scope, 500, start)
 
     async def serve(
-        self, scope: Scope, body: bytes, receive: Receive, send: Send, start: float
+        self,
+        scope: Scope,
+        body: bytes,
+        receive: Receive,
+        send: Send,
+        start: float,
+        answer: Answer | None = None,
     ) -> bool:
         """Answer the request (``start``: ``time.perf_counter()`` when its handling began,
-        before its body arrived), or return False having done nothing (see above)."""
+        before its body arrived), or return False having done nothing (see above).
+        ``answer``: the server's way to send a plain response whole (:data:`Answer`)."""
         limit = self.limit
         if limit is not None and len(body) > limit:
             return False  # the request context's 413, from the whole stack
@@ -205,7 +219,14 @@ class DirectRoute:
                     REQUEST_ID.reset(token)
                     return False
             started = True
-            await _respond(response, scope, receive, send, (REQUEST_ID_HEADER, request_id.encode()))
+            echoed = (REQUEST_ID_HEADER, request_id.encode())
+            if (
+                answer is None
+                or type(response).__call__ is not Response.__call__
+                or response.background is not None
+                or not answer(response.status_code, [*response.raw_headers, echoed], response.body)
+            ):
+                await _respond(response, scope, receive, send, echoed)
         except BaseException as exc:
             # What the request context, then Starlette's error middleware, do: count a
             # 500, answer the app's 500 (incident id; the request id stays set for it)
@@ -213,8 +234,8 @@ class DirectRoute:
             # the connection, as uvicorn does).
             self.context.record(scope, 500, start)
             if isinstance(exc, Exception) and not started:
-                answer = self._error_response(Request(scope), exc)
-                await answer(scope, receive, send)
+                error = self._error_response(Request(scope), exc)
+                await error(scope, receive, send)
             raise
         self.context.record(scope, response.status_code, start)
         REQUEST_ID.reset(token)

@@ -34,18 +34,27 @@ pytestmark = pytest.mark.skipif(not protocol.AVAILABLE, reason="uvicorn's httpto
 
 
 class _Spy:
-    """Counts the requests ``DirectRoute.serve`` answered (not those it declined)."""
+    """Counts the requests ``DirectRoute.serve`` answered (not those it declined), and
+    the answers the protocol wrote whole (``_CoalescingCycle.answer``)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.served = 0
+        self.answered = 0
         real = hot_routes.DirectRoute.serve
+        real_answer = protocol._CoalescingCycle.answer
 
         async def serve(route: hot_routes.DirectRoute, *args: Any) -> bool:
             done = await real(route, *args)
             self.served += done
             return done
 
+        def answer(cycle: Any, *args: Any) -> bool:
+            done = real_answer(cycle, *args)
+            self.answered += done
+            return done
+
         monkeypatch.setattr(hot_routes.DirectRoute, "serve", serve)
+        monkeypatch.setattr(protocol._CoalescingCycle, "answer", answer)
 
 
 def _serving(app: BanditApp, http: Any, **config: Any) -> Any:
@@ -103,8 +112,10 @@ def test_direct_and_asgi_answers_are_the_same(
             theirs_delta = {k: v - middle.get(k, 0) for k, v in after.items() if v != middle.get(k)}
             assert ours_delta == theirs_delta, (request, ours_delta, theirs_delta)
     # Most of the table's hot requests are served directly; the rest were declined (bad
-    # bodies, content types, queries: FastAPI's answers) or never matched.
+    # bodies, content types, queries: FastAPI's answers) or never matched. Every direct
+    # answer is a plain response: written whole, in one step.
     assert spy.served >= 15, spy.served
+    assert spy.answered == spy.served
 
 
 def _exchange(port: int, parts: list[bytes], pause: float = 0.0) -> bytes:
@@ -227,12 +238,14 @@ def test_connections_are_handled_as_uvicorn_does(
     with _servers(tmp_path, policies_dir) as (_apps, direct, plain):
         for name, (parts, pause, served) in _exchanges().items():
             before = spy.served
+            answered = spy.answered
             ours = _exchange(direct, parts, pause)
             theirs = _exchange(plain, parts, pause)
             assert ours == theirs, name
             assert ours.startswith(b"HTTP/1."), (name, ours)
             requests = parts[0].count(b"POST ")
             assert spy.served - before == (requests if served else 0), name
+            assert spy.answered - answered == spy.served - before, name  # each in one write
 
 
 def test_a_failure_is_answered_and_logged_as_through_the_app(

@@ -157,3 +157,168 @@ def test_a_plain_answer_is_one_write() -> None:
             conn.settimeout(2)
             first = conn.recv(65536)
             assert first.startswith(b"HTTP/1.1 200 OK") and first.endswith(b'"/plain"}'), first
+
+
+class _Recorder:
+    """A transport that records what is written and whether it was closed."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+_DEFAULTS = [(b"date", b"Mon, 23 Nov 2026 14:00:00 GMT"), (b"server", b"uvicorn")]
+_BODY = b'{"ok":true}'
+_LENGTH = (b"content-length", str(len(_BODY)).encode())
+# name: (method, status, headers, body, keep_alive, default headers, answered whole)
+ANSWERS: dict[str, tuple[str, int, list[tuple[bytes, bytes]], bytes, bool, Any, bool]] = {
+    "plain": ("POST", 200, [_LENGTH, (b"content-type", b"application/json")], _BODY, True,
+              _DEFAULTS, True),
+    "not kept alive": ("POST", 201, [_LENGTH], _BODY, False, _DEFAULTS, True),
+    "mixed-case names": ("POST", 200, [(b"Content-Length", _LENGTH[1]), (b"X-Thing", b"A b")],
+                         _BODY, True, _DEFAULTS, True),
+    "a status without a phrase": ("POST", 299, [_LENGTH], _BODY, True, _DEFAULTS, True),
+    "no default headers": ("POST", 200, [_LENGTH], _BODY, True, [], True),
+    "configured headers": ("POST", 200, [_LENGTH], _BODY, True,
+                           [*_DEFAULTS, (b"X-Custom", b"yes")], True),
+    "two lengths": ("POST", 200, [_LENGTH, (b"content-length", b"99")], _BODY, True,
+                    _DEFAULTS, True),
+    "a large body": ("POST", 200, [(b"content-length", b"70000")], b"x" * 70000, True,
+                     _DEFAULTS, True),
+    "empty body": ("POST", 200, [(b"content-length", b"0")], b"", True, _DEFAULTS, True),
+    "HEAD": ("HEAD", 200, [_LENGTH], _BODY, True, _DEFAULTS, False),
+    "no length": ("POST", 200, [(b"content-type", b"text/plain")], _BODY, True, _DEFAULTS,
+                  False),
+    "length too short": ("POST", 200, [(b"content-length", b"3")], _BODY, True, _DEFAULTS,
+                         False),
+    "length not a number": ("POST", 200, [(b"content-length", b"x")], _BODY, True, _DEFAULTS,
+                            False),
+    "chunked": ("POST", 200, [(b"transfer-encoding", b"chunked")], _BODY, True, _DEFAULTS,
+                False),
+    "connection close": ("POST", 200, [_LENGTH, (b"connection", b"close")], _BODY, True,
+                         _DEFAULTS, False),
+    "bad header value": ("POST", 200, [_LENGTH, (b"x-bad", b"a\r\nb")], _BODY, True,
+                         _DEFAULTS, False),
+    "bad header name": ("POST", 200, [_LENGTH, (b"x bad", b"a")], _BODY, True, _DEFAULTS,
+                        False),
+    "bad default header": ("POST", 200, [_LENGTH], _BODY, True, [(b"x-bad", b"\x01")], False),
+    "a length among the defaults": ("POST", 200, [_LENGTH], _BODY, True,
+                                    [(b"content-length", b"11")], False),
+}  # fmt: skip
+
+
+def _cycle(
+    kind: type, method: str, keep_alive: bool, defaults: Any, access_log: bool = False
+) -> tuple[Any, Any, list]:
+    import logging
+
+    from uvicorn.protocols.http.flow_control import FlowControl
+
+    transport = _Recorder()
+    done: list[int] = []
+    scope = {"type": "http", "method": method, "http_version": "1.1", "path": "/p",
+             "query_string": b"a=1", "root_path": "", "client": ("10.0.0.1", 5)}  # fmt: skip
+    cycle = kind(
+        scope=scope,
+        transport=transport,
+        flow=FlowControl(transport),
+        logger=logging.getLogger("test"),
+        access_logger=logging.getLogger("test.access"),
+        access_log=access_log,
+        default_headers=defaults,
+        message_event=asyncio.Event(),
+        expect_100_continue=False,
+        keep_alive=keep_alive,
+        on_response=lambda: done.append(1),
+    )
+    cycle._loop = asyncio.get_running_loop()
+    return cycle, transport, done
+
+
+def _state(cycle: Any, transport: _Recorder, done: list) -> tuple[Any, ...]:
+    return (
+        b"".join(transport.writes), transport.closed, len(done), cycle.response_started,
+        cycle.response_complete, cycle.keep_alive, cycle.message_event.is_set(),
+        cycle.waiting_for_100_continue, cycle.expected_content_length, cycle.chunked_encoding,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(ANSWERS))
+def test_a_whole_answer_is_what_send_would_write(name: str) -> None:
+    """``_CoalescingCycle.answer`` (the direct routes' one write) leaves the same bytes and
+    the same cycle state as uvicorn's ``send`` given the two messages, or does nothing."""
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+    method, status, headers, body, keep_alive, defaults, whole = ANSWERS[name]
+
+    async def compare() -> None:
+        stock, stock_transport, stock_done = _cycle(
+            RequestResponseCycle, method, keep_alive, defaults
+        )
+        raised = None
+        try:
+            await stock.send({"type": "http.response.start", "status": status,
+                              "headers": list(headers)})  # fmt: skip
+            await stock.send({"type": "http.response.body", "body": body})
+        except (RuntimeError, ValueError) as exc:
+            raised = type(exc)
+        ours, transport, done = _cycle(protocol._CoalescingCycle, method, keep_alive, defaults)
+        before = _state(ours, transport, done)
+        answered = ours.answer(status, list(headers), body)
+        assert answered == whole
+        if not answered:
+            assert _state(ours, transport, done) == before  # nothing done
+            return
+        assert raised is None
+        assert _state(ours, transport, done) == _state(stock, stock_transport, stock_done)
+        assert len(transport.writes) == (2 if len(body) > 64 * 1024 else 1)
+
+    asyncio.run(compare())
+
+
+def test_a_whole_answer_waits_for_nothing() -> None:
+    """While writing is paused, or the peer has gone, ``answer`` leaves it to ``send``."""
+
+    async def check() -> None:
+        paused, transport, _ = _cycle(protocol._CoalescingCycle, "POST", True, _DEFAULTS)
+        paused.flow.pause_writing()
+        assert not paused.answer(200, [_LENGTH], _BODY) and not transport.writes
+        gone, transport, _ = _cycle(protocol._CoalescingCycle, "POST", True, _DEFAULTS)
+        gone.disconnected = True
+        assert not gone.answer(200, [_LENGTH], _BODY) and not transport.writes
+        started, transport, _ = _cycle(protocol._CoalescingCycle, "POST", True, _DEFAULTS)
+        assert started.answer(200, [_LENGTH], _BODY)
+        assert not started.answer(200, [_LENGTH], _BODY) and len(transport.writes) == 1
+
+    asyncio.run(check())
+
+
+def test_a_whole_answer_logs_uvicorns_access_line(caplog: pytest.LogCaptureFixture) -> None:
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+    async def both() -> None:
+        stock, _, _ = _cycle(RequestResponseCycle, "POST", True, _DEFAULTS, access_log=True)
+        await stock.send({"type": "http.response.start", "status": 200, "headers": [_LENGTH]})
+        await stock.send({"type": "http.response.body", "body": _BODY})
+        ours, _, _ = _cycle(protocol._CoalescingCycle, "POST", True, _DEFAULTS, access_log=True)
+        assert ours.answer(200, [_LENGTH], _BODY)
+
+    with caplog.at_level("INFO", logger="test.access"):
+        asyncio.run(both())
+    lines = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines == [("test.access", "INFO", '10.0.0.1:5 - "POST /p?a=1 HTTP/1.1" 200')] * 2
