@@ -98,7 +98,6 @@ class Slot:
 
 
 @_cheap_init
-@_cheap_init
 @dataclass(frozen=True)
 class DecisionRequest:
     """What a caller asks: fill ``slots`` in order from ``candidates`` for this context."""
@@ -181,7 +180,6 @@ class Distribution(Sequence[list[Any]]):
         return f"Distribution({self.classic()!r})"
 
 
-@_cheap_init
 @_cheap_init
 @dataclass(frozen=True)
 class SlotChoice:

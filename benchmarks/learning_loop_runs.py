@@ -9,15 +9,20 @@ Each run serves the app in process on a fresh SQLite file with the inline traine
 the test's decisions and rewards, waits until every event is learned and the newest
 model serves, then asks each segment's distribution. A run passes when every segment's
 best article has probability > 0.8 (learned: 0.925; uniform: 0.25). Prints one line a
-run (the distributions of a failed one) and the count of passes.
+run (the distributions of a failed one) and the count of passes. Each line also gives the
+rewards stored, how many of them are late (received after their window, so never
+learned) and the slowest decision-to-reward time: a run that fails with no late reward
+and rewards well inside the 1 s window lost no click; its model just learned slower.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import re
+import sqlite3
 import sys
 import tempfile
 from pathlib import Path
@@ -69,6 +74,12 @@ def one_run(vw_args: str | None) -> dict[str, dict[str, float]]:
                     }
 
         asyncio.run(run())
+        with contextlib.closing(sqlite3.connect(f"{folder}/loop.db")) as db:
+            rewards, late, slowest = db.execute(
+                "SELECT count(*), sum(r.late), max(r.received_at - d.created_at) "
+                "FROM rewards r JOIN decisions d ON d.event_id = r.event_id"
+            ).fetchone()
+        learned["rewards"] = {"stored": rewards, "late": late or 0, "slowest_s": slowest}
         return learned
 
 
@@ -82,10 +93,11 @@ def main() -> None:
     passed = 0
     for n in range(args.runs):
         learned = one_run(f'"{args.vw_args}"' if args.vw_args else None)
+        counts = learned.pop("rewards")
         ok = all(learned[segment][segment] > 0.8 for segment in scenario.TOPICS)
         passed += ok
         print(f"run {n + 1}/{args.runs}: {'learned' if ok else 'NOT learned'}"
-              f"{'' if ok else f' {learned}'}", flush=True)  # fmt: skip
+              f"{'' if ok else f' {learned}'}; rewards {counts}", flush=True)  # fmt: skip
     print(f"{passed} of {args.runs} runs learned every segment's best article "
           f"({args.events} events, vw_args {args.vw_args or 'of the test'!r})")  # fmt: skip
 

@@ -329,7 +329,12 @@ def test_latency_counts_the_time_the_body_took_to_arrive(
                 time.sleep(0.01)
             after_count, after_total = _seconds()
             assert after_count == count + 1
-            assert after_total - total >= 0.4, (port == direct, after_total - total)
+            # The request's clock starts when the server has parsed the first part, which
+            # a loaded machine may do a scheduling slice late (0.388 s was seen at load
+            # average 10), so the pause itself is not a lower bound. What is tested is
+            # that the body's time counts at all: leaving it out records ~1 ms, counting
+            # it ~0.4 s; half the pause tells the two apart with 0.2 s to spare either way.
+            assert after_total - total >= 0.2, (port == direct, after_total - total)
     assert spy.served == (0 if then_close else 1)
 
 
