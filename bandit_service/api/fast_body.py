@@ -175,6 +175,7 @@ def decode_decision(body: bytes) -> FastDecision | None:
 
 
 _KEY = b'"candidates":'
+_NAME = b'"candidates"'
 
 
 def _with_kept_candidates(body: bytes) -> FastDecision | None:
@@ -192,7 +193,9 @@ def _with_kept_candidates(body: bytes) -> FastDecision | None:
     bytes as it, and the same bytes follow. If that key is the body's own field, the
     result has the kept set's meaning; if it is nested (a context or slot feature), the
     ``null`` there does not decode, and neither does a repeated key: the usual path then
-    decodes the whole body (and the same failures refuse it there, or it is valid)."""
+    decodes the whole body (and the same failures refuse it there, or it is valid). A
+    repeated key after the set is looked for by its name alone (whitespace may come before
+    its colon), so it always takes the usual path."""
     at = body.find(_KEY)
     if at < 0:
         return None
@@ -202,7 +205,11 @@ def _with_kept_candidates(body: bytes) -> FastDecision | None:
         return None
     raw, kept = found
     end = start + len(raw)
-    if body.find(_KEY, end) >= 0:
+    # The name alone, not ``_KEY``: JSON allows whitespace before the colon, and a later
+    # ``"candidates" :null`` would win over the set in a whole-body decode while the
+    # spliced ``null`` below could not tell (found in review). A later string value
+    # "candidates" only costs the usual path.
+    if body.find(_NAME, end) >= 0:
         return None
     try:
         decision = _DECISION.decode(body[:start] + b"null" + body[end:])

@@ -105,6 +105,10 @@ TRICKY = [
     b'{"candidates": %s, "candidates": null}',
     b'{"candidates": %s, "candidates": %s}',
     b'{"candidates": null, "candidates": %s}',
+    # repeated after the set with whitespace before its colon: the later null wins
+    b'{"candidates":%s,"candidates" :null}',
+    b'{"candidates":%s,"candidates"\n:null}',
+    b'{"candidates":%s,"candidate_ids":["x"],"candidates"\t: null}',
     b'{"candidates":%s,"context":{"candidates":1}}',
     b'{"candidates":%s,"slots":[{"id":"s","features":{"candidates":"x"}}]}',
     # invalid around the set
